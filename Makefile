@@ -1,0 +1,46 @@
+# Two commands do everything on a fresh machine: `make run` and `make test`.
+# Every target creates the virtual environment and installs the project when needed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FHIR_SERVER_DIR := tests/fhir_server
+HOST ?= 127.0.0.1
+PORT ?= 8080
+
+.PHONY: run test install serve-prod bench fuzz load clean docs node-deps browser-deps
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The Node FHIR test server (Medplum router + in-memory repository), pinned by package-lock.json.
+node-deps:
+	@if [ -f $(FHIR_SERVER_DIR)/package-lock.json ]; then \
+	  if [ ! -d $(FHIR_SERVER_DIR)/node_modules ] || [ $(FHIR_SERVER_DIR)/package-lock.json -nt $(FHIR_SERVER_DIR)/node_modules ]; then \
+	    (cd $(FHIR_SERVER_DIR) && npm ci --no-audit --no-fund --loglevel=error) && touch $(FHIR_SERVER_DIR)/node_modules; \
+	  fi; \
+	fi
+
+# Local demo: embedded SQLite, JWT checks OFF (loud warning), loopback only.
+run: install
+	RPL_CDS_AUTH=$${RPL_CDS_AUTH:-disabled} RPL_CDS_LOCAL_MODE=1 $(BIN)/rpl-cds serve --host $(HOST) --port $(PORT)
+
+# Production-style start under gunicorn (see gunicorn.conf.py).
+serve-prod: install
+	$(BIN)/gunicorn -c gunicorn.conf.py 'service:create_app()'
+
+test: install node-deps
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+docs: install
+	$(BIN)/rpl-cds rules --format markdown > docs/rules.md
+
+clean:
+	rm -rf $(VENV) $(FHIR_SERVER_DIR)/node_modules instance .pytest_cache

@@ -1,0 +1,30 @@
+"""gunicorn settings for production: `gunicorn -c gunicorn.conf.py 'service:create_app()'`.
+
+Worker choice: gthread. A hook call is mostly CPU (parse JSON, extract facts, build cards: a few
+milliseconds), but the FHIR fallback path waits on the EHR's FHIR server for up to the deadline
+(2 s by default). With sync workers one slow FHIR server would block a whole worker; gthread lets
+the other threads of the worker answer meanwhile, without the monkey-patching of gevent/eventlet.
+Workers = CPU cores (the GIL makes threads useless for the CPU part, processes are not), threads
+per worker = 4 (enough to overlap FHIR waits). Every setting can be overridden from the environment.
+"""
+
+import multiprocessing
+import os
+
+bind = os.environ.get("RPL_CDS_BIND", "0.0.0.0:8080")
+worker_class = "gthread"
+workers = int(os.environ.get("RPL_CDS_WORKERS", multiprocessing.cpu_count()))
+threads = int(os.environ.get("RPL_CDS_THREADS", 4))
+# Longer than the hook deadline so a worker is never killed while answering within it.
+timeout = int(os.environ.get("RPL_CDS_WORKER_TIMEOUT", 30))
+graceful_timeout = int(os.environ.get("RPL_CDS_GRACEFUL_TIMEOUT", 20))
+keepalive = 5
+# Load the app (and its knowledge files) once in the master: workers fork with it ready.
+preload_app = True
+# Request lines are logged by the service itself without identifiers; gunicorn's access log would
+# print query strings, so it stays off.
+accesslog = None
+errorlog = "-"
+loglevel = os.environ.get("RPL_CDS_LOG_LEVEL", "info").lower()
+# Trust X-Forwarded-* only from these proxies (comma-separated); RPL_CDS_PUBLIC_URL is preferred.
+forwarded_allow_ips = os.environ.get("RPL_CDS_FORWARDED_ALLOW_IPS", "127.0.0.1")

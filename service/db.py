@@ -1,0 +1,69 @@
+"""Database access shared by every part that persists something (JWT replay store, cards,
+feedback). SQLite in the instance folder by default; PostgreSQL via RPL_CDS_DATABASE_URL.
+
+Tables are declared on `metadata` by the modules that own them; the schema itself is created and
+upgraded by the migrations (service/migrations), never by `metadata.create_all` in production.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from flask import Flask, current_app
+from sqlalchemy import Engine, MetaData, create_engine, event
+
+metadata = MetaData()
+
+_engines: dict[tuple[int, str], Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def database_url(app: Flask) -> str:
+    configured = app.config["RPL_SETTINGS"].database_url
+    if configured:
+        # SQLAlchemy names the psycopg 3 driver explicitly; accept the plain form too.
+        if configured.startswith("postgresql://") or configured.startswith("postgres://"):
+            configured = "postgresql+psycopg://" + configured.split("://", 1)[1]
+        return configured
+    return "sqlite:///" + os.path.join(app.instance_path, "rpl-cds.sqlite")
+
+
+def engine_for(app: Flask | None = None) -> Engine:
+    """One engine per process and URL (engines must not cross a gunicorn fork)."""
+    app = app or current_app._get_current_object()
+    url = database_url(app)
+    key = (os.getpid(), url)
+    with _engines_lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _create_engine(url)
+            _engines[key] = engine
+        return engine
+
+
+def _create_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(
+            url, connect_args={"timeout": 5, "check_same_thread": False}, pool_pre_ping=True
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection, _record):  # pragma: no cover - driver callback
+            cursor = dbapi_connection.cursor()
+            # WAL: readers do not block the writer; FULL sync: an acknowledged commit survives
+            # a power loss (feedback is acknowledged only after commit).
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA busy_timeout=5000")
+            cursor.close()
+
+        return engine
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=2,
+        connect_args={"connect_timeout": 2},
+    )

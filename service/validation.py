@@ -1,0 +1,119 @@
+"""Request parsing and validation against the JSON Schemas kept in service/schemas/.
+
+The schemas are shallow on purpose where the payload is large (prefetch resources are checked by
+the data-gathering step, not by jsonschema): validating 10,000 resources per call would cost more
+than the rest of the hook together.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib import resources
+
+import orjson
+from flask import Request
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+from referencing import Registry, Resource
+
+from .errors import ApiError
+
+SCHEMA_PACKAGE = "service.schemas"
+CONTEXT_SCHEMA_BY_HOOK = {
+    "patient-view": "context-patient-view.schema.json",
+    "order-select": "context-order-select.schema.json",
+    "order-sign": "context-order-sign.schema.json",
+}
+JSON_MEDIA_TYPES = ("application/json", "application/fhir+json")
+
+
+@cache
+def schema_registry() -> Registry:
+    registry = Registry()
+    for entry in resources.files(SCHEMA_PACKAGE).iterdir():
+        if entry.name.endswith(".schema.json"):
+            contents = json.loads(entry.read_text(encoding="utf-8"))
+            resource = Resource.from_contents(contents)
+            registry = registry.with_resources(
+                [(contents["$id"], resource), (entry.name, resource)]
+            )
+    return registry
+
+
+@cache
+def load_schema(name: str) -> dict:
+    return json.loads(resources.files(SCHEMA_PACKAGE).joinpath(name).read_text(encoding="utf-8"))
+
+
+@cache
+def validator(name: str) -> Draft202012Validator:
+    schema = load_schema(name)
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(
+        schema, registry=schema_registry(), format_checker=Draft202012Validator.FORMAT_CHECKER
+    )
+
+
+def check_all_schemas() -> None:
+    """Start-up check: every schema file is a valid 2020-12 schema and its refs resolve."""
+    for entry in resources.files(SCHEMA_PACKAGE).iterdir():
+        if entry.name.endswith(".schema.json"):
+            validator(entry.name)
+
+
+def _error_path(error: ValidationError, prefix: str) -> str:
+    parts = [prefix] if prefix else []
+    for part in error.absolute_path:
+        parts.append(f"[{part}]" if isinstance(part, int) else str(part))
+    return ".".join(parts).replace(".[", "[") or "(body)"
+
+
+def describe_validation_error(error: ValidationError, prefix: str = "") -> tuple[str, str]:
+    """A short message naming the field, and a FHIRPath-like expression for it."""
+    path = _error_path(error, prefix)
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        field = f"{path}.{missing}" if path != "(body)" else missing
+        return f"{field}: required member is missing", field
+    if error.validator == "dependentRequired":
+        return f"{path}: {error.message}", path
+    if error.validator in ("type", "const", "enum"):
+        return f"{path}: {error.message}", path
+    if error.validator == "pattern":
+        shown = repr(error.instance)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        return f"{path}: {shown} has an invalid form", path
+    return f"{path}: {error.message[:200]}", path
+
+
+def validate_or_400(instance: object, schema_name: str, prefix: str = "") -> None:
+    error = next(iter(sorted(validator(schema_name).iter_errors(instance), key=_relevance)), None)
+    if error is not None:
+        message, expression = describe_validation_error(error, prefix)
+        raise ApiError(400, message, expression=[expression])
+
+
+def _relevance(error: ValidationError) -> tuple:
+    # Report the shallowest error first: "context.patientId missing" before deeper noise.
+    return (len(error.absolute_path), error.validator != "required")
+
+
+def parse_json_body(request: Request, max_bytes: int) -> object:
+    """Read and parse a JSON body: 415 for other media types, 413 over the limit, 400 if invalid."""
+    mimetype = (request.mimetype or "").lower()
+    if mimetype not in JSON_MEDIA_TYPES:
+        shown = mimetype or "none"
+        raise ApiError(415, f"Content-Type must be application/json (got {shown}).")
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ApiError(413, f"Request body is larger than the limit of {max_bytes} bytes.")
+    raw = request.stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ApiError(413, f"Request body is larger than the limit of {max_bytes} bytes.")
+    if not raw.strip():
+        raise ApiError(400, "Request body is empty; a JSON object is required.")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as error:
+        raise ApiError(400, f"Request body is not valid JSON: {error}") from None
