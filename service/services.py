@@ -16,7 +16,7 @@ from .validation import validate_or_400
 
 # CDS Hooks 2.0 prefetch tokens: root-level context fields and the four user tokens. Nothing else
 # (the FHIRPath tokens over draftOrders are 3.0-ballot only, and 2.0 clients do not expand them).
-_TOKEN = re.compile(r"\{\{\s*([A-Za-z.]+)\s*\}\}")
+_TOKEN = re.compile(r"\{\{\s*(.*?)\s*\}\}")
 ALLOWED_CONTEXT_TOKENS = {"context.userId", "context.patientId", "context.encounterId"}
 USER_TOKENS = {
     "userPractitionerId": "Practitioner",

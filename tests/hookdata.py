@@ -34,7 +34,9 @@ def patient(patient_id: str = "p1", birth_date: str = "1992-05-01") -> dict:
     return {"resourceType": "Patient", "id": patient_id, "gender": "female", "birthDate": birth_date}
 
 
-def full_prefetch(resources: list[dict], patient_resource: dict | None = None) -> dict:
+def full_prefetch(
+    resources: list[dict], patient_resource: dict | None = None, practitioner: dict | None = None
+) -> dict:
     """Sort resources into the service's prefetch keys, as an EHR fulfilling them would."""
     by_type = {
         "Condition": "conditions",
@@ -50,6 +52,8 @@ def full_prefetch(resources: list[dict], patient_resource: dict | None = None) -
         grouped[by_type[resource["resourceType"]]].append(resource)
     prefetch = {key: searchset(items) for key, items in grouped.items()}
     prefetch["patient"] = patient_resource or patient()
+    # The optional user key: null = "no data" (the EHR has no Practitioner for this user).
+    prefetch["practitioner"] = practitioner
     return prefetch
 
 

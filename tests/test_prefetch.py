@@ -35,8 +35,15 @@ class RecordingServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
                 recorder.requests.append((self.path, dict(self.headers)))
-                body = json.dumps(searchset([])).encode()
-                self.send_response(200)
+                path = self.path.split("?")[0]
+                status, resource = 200, searchset([])
+                if path.startswith("/fhir/Patient/"):
+                    resource = patient(path.rsplit("/", 1)[1])
+                elif path.startswith("/fhir/Practitioner/"):
+                    status, resource = 404, {"resourceType": "OperationOutcome", "issue": [
+                        {"severity": "error", "code": "not-found"}]}
+                body = json.dumps(resource).encode()
+                self.send_response(status)
                 self.send_header("Content-Type", "application/fhir+json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -72,6 +79,7 @@ def test_full_prefetch_gives_cards_without_any_outbound_call(client, recording_s
 def test_null_prefetch_means_no_data_and_no_outbound_call(client, recording_server):
     prefetch = {key: None for key in SEARCH_KEYS}
     prefetch["patient"] = patient()
+    prefetch["practitioner"] = None
     body = hook_request(prefetch=prefetch, fhir_server=recording_server.base_url)
     response = client.post(URL, json=body)
     assert response.status_code == 200
