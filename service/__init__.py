@@ -65,9 +65,11 @@ def create_app(test_config: dict | None = None) -> Flask:
 
 
 def _load_guideline_knowledge() -> None:
+    from cards.build import warm_up
     from cards.knowledge import load_knowledge
 
     load_knowledge()
+    warm_up()  # compiles templates and validates suggestion shapes once, not on the first call
 
 
 def _init_optional_parts(app: Flask) -> None:

@@ -43,9 +43,12 @@ def _is_loopback(host: str) -> bool:
 
 
 def _rules(args: argparse.Namespace) -> int:
-    from cards.rulebook import render_rule_book
+    from cards.rulebook import render_rule_book, scenario_index
 
-    sys.stdout.write(render_rule_book(args.format, language=args.language))
+    from .scenarios import all_scenarios
+
+    scenarios = scenario_index(all_scenarios())
+    sys.stdout.write(render_rule_book(args.format, language=args.language, scenarios=scenarios))
     return 0
 
 

@@ -11,7 +11,7 @@ from zoneinfo import ZoneInfo
 
 from flask import Blueprint, current_app, g, jsonify, request
 
-from cards.build import build_cards
+from cards.build import build_card_pairs
 from cards.rules import evaluate
 from fhir_mappings.extract import extract_patient_facts
 
@@ -88,9 +88,12 @@ def call_service(service_id: str):
     store = current_app.extensions.get("rpl_store")
     if store is not None:
         findings = store.filter_findings(call, facts, findings)
-    cards = build_cards(findings, facts=facts, language=language)
+    # Pairs, not two lists: a card that fails to build is left out with its finding, so the
+    # store records each card uuid against the finding that produced it.
+    pairs = build_card_pairs(findings, facts=facts, language=language)
+    cards = [card for _, card in pairs]
     if store is not None:
-        store.record_cards(call, findings, cards)
+        store.record_cards(call, [finding for finding, _ in pairs], cards)
     g.rpl_card_topics = [c["source"].get("topic", {}).get("code") for c in cards]
     g.rpl_fetched_keys = gathered.fetched_keys
     return jsonify({"cards": cards})
