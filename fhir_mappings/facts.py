@@ -163,6 +163,9 @@ class LabResult:
     # Observation.interpretation mapped to 'H', 'L', 'N', 'POS', 'NEG', 'A' (abnormal) or None.
     interpretation: str | None
     source: str  # "Observation/1"
+    # (system, code) of the result's test code, e.g. an LA panel interpretation (75514-0) versus a
+    # dRVVT screen time (6303-2). Added by fhir_mappings; None when built elsewhere.
+    code: tuple[str, str] | None = None
 
     @property
     def positive(self) -> bool | None:
@@ -240,6 +243,9 @@ class PatientFacts:
     cycle_disorder: bool = False  # any cycle disorder (hormone profile allowed, R29)
     oligo_or_amenorrhoea: bool = False  # prolactin allowed (R30, A10)
     autoimmune_disease_signs: bool = False  # ANA may be considered (R28, A9)
+    # A recorded hyperprolactinaemia diagnosis (E22.1); the card's prolactin exception (R30) is the
+    # symptom `oligo_or_amenorrhoea`, this is only context. Added by fhir_mappings.
+    hyperprolactinaemia: bool = False
     # --- blood group / anti-D (leaflet) ---
     rhd_negative: bool | None = None  # None = unknown
     anti_d_given_during_current_loss: bool = False

@@ -27,7 +27,11 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    app = create_app()
+    try:
+        app = create_app()
+    except ValueError as error:  # code tables, knowledge files, trusted clients: named in the message
+        print(f"rpl-cds: cannot start: {error}", file=sys.stderr)
+        return 2
     print(f"rpl-cds: discovery at http://{args.host}:{args.port}/cds-services", file=sys.stderr)
     app.run(host=args.host, port=args.port, debug=False, threaded=True, use_reloader=False)
     return 0
