@@ -33,7 +33,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"rpl-cds: cannot start: {error}", file=sys.stderr)
         return 2
     print(f"rpl-cds: discovery at http://{args.host}:{args.port}/cds-services", file=sys.stderr)
-    app.run(host=args.host, port=args.port, debug=False, threaded=True, use_reloader=False)
+    from .security import QuietRequestHandler
+
+    app.run(
+        host=args.host, port=args.port, debug=False, threaded=True, use_reloader=False,
+        request_handler=QuietRequestHandler,  # no Werkzeug/Python version in the Server header
+    )
     return 0
 
 
