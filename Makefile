@@ -36,7 +36,11 @@ run: install
 serve-prod: install
 	$(BIN)/gunicorn -c gunicorn.conf.py 'service:create_app()'
 
-test: install node-deps
+# Headless Chromium + chromedriver for the browser tests (Debian packages; installed when root).
+browser-deps: install
+	$(BIN)/python -c "from tests.browser_support import ensure_chromium; r = ensure_chromium(); print(r or 'chromium ready')"
+
+test: install node-deps browser-deps
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 docs: install

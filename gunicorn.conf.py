@@ -28,3 +28,20 @@ errorlog = "-"
 loglevel = os.environ.get("RPL_CDS_LOG_LEVEL", "info").lower()
 # Trust X-Forwarded-* only from these proxies (comma-separated); RPL_CDS_PUBLIC_URL is preferred.
 forwarded_allow_ips = os.environ.get("RPL_CDS_FORWARDED_ALLOW_IPS", "127.0.0.1")
+
+# Prometheus metrics across workers (service/operations.py): with PROMETHEUS_MULTIPROC_DIR set,
+# every worker writes its counters to files there and /metrics adds them up. The directory must
+# exist and be empty before the workers fork (stale files from a previous run would count again).
+_prometheus_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _prometheus_dir:
+    os.makedirs(_prometheus_dir, exist_ok=True)
+    for _name in os.listdir(_prometheus_dir):
+        if _name.endswith(".db"):
+            os.remove(os.path.join(_prometheus_dir, _name))
+
+
+def child_exit(server, worker):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

@@ -74,9 +74,14 @@ def _load_guideline_knowledge() -> None:
 
 def _init_optional_parts(app: Flask) -> None:
     """Security, persistence and operations register themselves here."""
-    from . import security
+    from . import analytics, feedback, operations, playground, security, store
 
-    security.init_app(app)
+    security.init_app(app)  # first: JWT checks, CORS and headers wrap everything below
+    store.init_app(app)
+    feedback.init_app(app)
+    analytics.init_app(app)
+    operations.init_app(app)
+    playground.init_app(app)
 
 
 def _configure_logging(level: str) -> None:

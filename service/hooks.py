@@ -68,6 +68,8 @@ def call_service(service_id: str):
     gathered = gather(
         body, service, access, deadline=deadline, max_pages=settings.max_fhir_pages
     )
+    g.rpl_fetched_keys = gathered.fetched_keys
+    g.rpl_fetch_ms = gathered.fetch_ms
     call = HookCall(
         service=service,
         hook_instance=body["hookInstance"],
@@ -95,7 +97,6 @@ def call_service(service_id: str):
     if store is not None:
         store.record_cards(call, [finding for finding, _ in pairs], cards)
     g.rpl_card_topics = [c["source"].get("topic", {}).get("code") for c in cards]
-    g.rpl_fetched_keys = gathered.fetched_keys
     return jsonify({"cards": cards})
 
 

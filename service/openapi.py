@@ -70,8 +70,9 @@ def build_openapi() -> dict:
     for name, schema in components.items():
         components[name] = _absolutise_local_refs(schema, name)
     hook_request = copy.deepcopy(components["HookRequest"])
+    # anyOf, not oneOf: an order-select context is also a valid patient-view context.
     hook_request["properties"]["context"] = {
-        "oneOf": [
+        "anyOf": [
             {"$ref": "#/components/schemas/ContextPatientView"},
             {"$ref": "#/components/schemas/ContextOrderSelect"},
             {"$ref": "#/components/schemas/ContextOrderSign"},

@@ -13,6 +13,7 @@ from importlib import resources
 
 import orjson
 from flask import Request
+from werkzeug.exceptions import RequestEntityTooLarge
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
@@ -100,6 +101,13 @@ def _relevance(error: ValidationError) -> tuple:
     return (len(error.absolute_path), error.validator != "required")
 
 
+def _stream_has_more(request: Request) -> bool:
+    try:
+        return bool(request.stream.read(1))
+    except RequestEntityTooLarge:
+        return True
+
+
 def parse_json_body(request: Request, max_bytes: int) -> object:
     """Read and parse a JSON body: 415 for other media types, 413 over the limit, 400 if invalid."""
     mimetype = (request.mimetype or "").lower()
@@ -109,7 +117,9 @@ def parse_json_body(request: Request, max_bytes: int) -> object:
     if request.content_length is not None and request.content_length > max_bytes:
         raise ApiError(413, f"Request body is larger than the limit of {max_bytes} bytes.")
     raw = request.stream.read(max_bytes + 1)
-    if len(raw) > max_bytes:
+    if len(raw) >= max_bytes and (len(raw) > max_bytes or _stream_has_more(request)):
+        # A chunked body has no Content-Length: Werkzeug's limited stream stops at the limit
+        # and only says so when read past it.
         raise ApiError(413, f"Request body is larger than the limit of {max_bytes} bytes.")
     if not raw.strip():
         raise ApiError(400, "Request body is empty; a JSON object is required.")

@@ -33,15 +33,20 @@ def start_gunicorn(tmp_path, env_overrides: dict[str, str] | None = None, worker
         **(env_overrides or {}),
     }
     gunicorn = Path(sys.executable).with_name("gunicorn")
+    # Output goes to a file, not a pipe: a pipe nobody empties blocks the workers after ~64 KB.
+    log_path = tmp_path / f"gunicorn-{port}.log"
+    log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
         [str(gunicorn), "-c", "gunicorn.conf.py", "service:create_app()"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True,
     )
+    proc.log_path = log_path
+    log_file.close()
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"gunicorn exited: {proc.stdout.read()}")
+            raise AssertionError(f"gunicorn exited: {log_path.read_text()[-4000:]}")
         try:
             if requests.get(f"{base}/cds-services", timeout=1).status_code in (200, 401):
                 return proc, base

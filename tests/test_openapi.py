@@ -1,7 +1,7 @@
 """openapi.yaml is generated from the JSON Schemas, and real responses validate against it."""
 
 from service.openapi import render_openapi_yaml
-from tests.hookdata import full_prefetch, hook_request, miscarriage, service_request
+from tests.hookdata import full_prefetch, hook_request, miscarriage, patient, service_request
 from tests.openapi_check import OPENAPI_PATH, assert_matches_openapi, openapi_document
 
 RPL = [miscarriage("c1", "2023-03-01"), miscarriage("c2", "2024-01-10"), miscarriage("c3", "2024-08-10")]
@@ -29,7 +29,10 @@ def test_each_hook_response_matches_openapi(client):
     thrombophilia = service_request("o1", "http://loinc.org", "21668-9", "Factor V Leiden")
     for hook, service in (("patient-view", "rpl-patient-view"), ("order-select", "rpl-order-select"),
                           ("order-sign", "rpl-order-sign")):
-        body = hook_request(hook, prefetch=full_prefetch(RPL), draft_orders=[thrombophilia])
+        # A patient per hook: a warning shown at order-select is (rightly) not repeated at sign.
+        patient_id = f"openapi-{hook}"
+        body = hook_request(hook, patient_id=patient_id, draft_orders=[thrombophilia],
+                            prefetch=full_prefetch(RPL, patient(patient_id)))
         response = client.post(f"/cds-services/{service}", json=body)
         assert response.status_code == 200, response.get_data(as_text=True)
         assert response.get_json()["cards"], hook

@@ -1,0 +1,973 @@
+"""Persistence of issued cards and clinician feedback: the `rpl_store` extension.
+
+What it does for the hooks (service/hooks.py calls it when the extension exists):
+- `filter_findings` applies the two memories that need a database:
+  * override memory: a `not-recommended-test` / `-treatment` warning the clinician overrode for
+    the same patient and guideline category is not repeated for RPL_CDS_OVERRIDE_MEMORY_DAYS
+    (default 180). The order hooks drop it. `patient-view` has no order warnings; its summary
+    finding (`rpl-summary`) gets `params["remembered_overrides"]` (one entry per remembered
+    override) so the card can mention them; a not-recommended finding at patient-view, should
+    one ever exist, is kept with `params["suppressed_override"] = True` instead of warning.
+  * select/sign de-duplication (the HL7 PDDI-CDS pattern): an order warning shown at
+    `order-select` is not shown again at `order-sign` for the same patient, encounter, rule and
+    order code, unless the order's relevant content (code, dosage, reason) changed, within 24
+    hours. Not disclosed with an extra card: the clinician saw the same warning moments before,
+    and an info card would bring back the fatigue the de-duplication removes. PDDI's caution
+    (a resident selects, an attending signs and never sees the warning) is why it can be
+    switched off: RPL_CDS_SELECT_SIGN_DEDUP=false.
+- `record_cards` writes one row per issued card, so feedback can be checked and counted.
+
+Privacy: patient, encounter and order references are stored only as keyed pseudonyms
+(HMAC-SHA256 with the pseudonym secret); no tokens, no names, no free text (the clinician's
+override comment is reduced to "a comment was given"). See docs/data-retention.md.
+
+Failure policy: the store never makes a hook fail. When the database is down or locked, hooks
+answer without the memories and without recording (one warning in the log per outage), and the
+feedback endpoint answers 503. Every request tries again (after a short back-off on the hook
+path), so the service recovers without a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from enum import Enum
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from flask import Flask
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Table,
+    TypeDecorator,
+    UniqueConstraint,
+    bindparam,
+    delete,
+    select,
+)
+from alembic.util import CommandError
+from sqlalchemy.exc import SQLAlchemyError
+
+from .config import PREFIX, ConfigError, _parse_bool, _parse_positive_int
+from .db import database_url, engine_for, metadata
+
+log = logging.getLogger(__name__)
+
+# Rules whose warnings the override memory applies to (cards.findings.ORDER_RULE_IDS).
+NOT_RECOMMENDED_RULES = ("not-recommended-test", "not-recommended-treatment")
+# The patient-view summary card's rule: it mentions remembered overrides.
+SUMMARY_RULE = "rpl-summary"
+# An order session (select ... sign) is short; a select-time card older than this is not matched.
+SELECT_SIGN_WINDOW = timedelta(hours=24)
+# Hook-path database limits: a hook must answer within its deadline even when the database is
+# slow or locked, so it waits far less than the feedback endpoint does.
+HOOK_LOCK_WAIT_MS = 250
+HOOK_STATEMENT_TIMEOUT_MS = 500
+FEEDBACK_LOCK_WAIT_MS = 3000
+# After a database failure on the hook path, hooks skip the database this long (seconds) so an
+# outage does not add a connection timeout to every hook call. Feedback always tries.
+DEFAULT_RETRY_AFTER_FAILURE_S = 2.0
+SECRET_FILE_NAME = "pseudonym-secret"
+
+DEFAULT_OVERRIDE_MEMORY_DAYS = 180
+DEFAULT_RETENTION_DAYS = 730
+
+
+class UtcDateTime(TypeDecorator):
+    """Timezone-aware UTC timestamps on every backend (SQLite returns naive values otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value, dialect):
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+_ID = BigInteger().with_variant(Integer, "sqlite")
+
+# One row per card issued. The schema is created and upgraded by service/migrations (keep in
+# sync: tests/test_migrations.py compares these tables with the migrated database).
+card_table = Table(
+    "rpl_card",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    Column("card_uuid", String(64), nullable=False),
+    Column("service_id", String(64), nullable=False),
+    Column("hook", String(32), nullable=False),
+    Column("rule_id", String(64), nullable=False),  # = card source.topic.code
+    Column("indicator", String(16), nullable=False),
+    Column("hook_instance", String(128), nullable=False),
+    Column("issued_at", UtcDateTime(), nullable=False),
+    Column("patient_pseudonym", String(64), nullable=False),
+    Column("encounter_pseudonym", String(64), nullable=True),  # revision 0002
+    Column("order_ref_pseudonym", String(64), nullable=True),
+    Column("order_code", String(300), nullable=True),  # "system|code" of the matched coding
+    Column("category", String(64), nullable=True),  # guideline category (test or treatment)
+    Column("order_hash", String(64), nullable=True),  # revision 0002: code + dosage + reason
+    # [{"uuid": ..., "removesOrder": bool}, ...]
+    Column("suggestions", JSON(), nullable=False),
+    UniqueConstraint("card_uuid", name="uq_rpl_card_card_uuid"),
+    Index("ix_rpl_card_issued_at", "issued_at"),
+    Index("ix_rpl_card_patient_category", "patient_pseudonym", "category"),
+    Index("ix_rpl_card_select_sign", "patient_pseudonym", "encounter_pseudonym", "order_code"),
+)
+
+# One row per distinct feedback item (duplicates collapse on dedup_key).
+feedback_table = Table(
+    "rpl_feedback",
+    metadata,
+    Column("id", _ID, primary_key=True, autoincrement=True),
+    # sha256 of card | outcome | outcomeTimestamp (UTC) | sorted accepted suggestion ids
+    Column("dedup_key", String(64), nullable=False),
+    Column(
+        "card_uuid",
+        String(64),
+        ForeignKey("rpl_card.card_uuid", name="fk_rpl_feedback_card", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("outcome", String(16), nullable=False),
+    # The client's outcomeTimestamp, but never later than received_at (a clock far ahead must
+    # not stretch the override memory).
+    Column("outcome_at", UtcDateTime(), nullable=False),
+    Column("received_at", UtcDateTime(), nullable=False),
+    Column("accepted_suggestions", JSON(), nullable=False),  # sorted suggestion uuids
+    Column("override_reason_system", String(300), nullable=True),
+    Column("override_reason_code", String(200), nullable=True),
+    Column("override_has_comment", Boolean(), nullable=False),
+    UniqueConstraint("dedup_key", name="uq_rpl_feedback_dedup_key"),
+    Index("ix_rpl_feedback_card_uuid", "card_uuid"),
+)
+
+
+# What "the database is unusable" looks like: driver/SQL errors, and a schema revision this
+# release does not know (a newer release migrated the database; rolled back since).
+DATABASE_ERRORS = (SQLAlchemyError, CommandError)
+
+
+# The hook-path queries, built once (building a statement costs more than running it).
+_MEMORY_QUERY = (
+    select(
+        card_table.c.category,
+        card_table.c.rule_id,
+        feedback_table.c.outcome,
+        feedback_table.c.outcome_at,
+    )
+    .join(card_table, card_table.c.card_uuid == feedback_table.c.card_uuid)
+    .where(
+        card_table.c.patient_pseudonym == bindparam("patient"),
+        card_table.c.rule_id.in_(NOT_RECOMMENDED_RULES),
+        card_table.c.category.is_not(None),
+        feedback_table.c.outcome_at >= bindparam("since"),
+        feedback_table.c.outcome_at <= bindparam("now"),
+    )
+    .order_by(feedback_table.c.outcome_at.desc(), feedback_table.c.id.desc())
+)
+_MEMORY_QUERY_FOR_CATEGORIES = _MEMORY_QUERY.where(
+    card_table.c.category.in_(bindparam("categories", expanding=True))
+)
+_SHOWN_AT_SELECT_BASE = select(
+    card_table.c.rule_id, card_table.c.order_code, card_table.c.order_hash
+).where(
+    card_table.c.patient_pseudonym == bindparam("patient"),
+    card_table.c.hook == "order-select",
+    card_table.c.order_code.in_(bindparam("codes", expanding=True)),
+    card_table.c.issued_at >= bindparam("since"),
+    card_table.c.issued_at <= bindparam("now"),
+)
+_SHOWN_AT_SELECT = _SHOWN_AT_SELECT_BASE.where(
+    card_table.c.encounter_pseudonym == bindparam("encounter")
+)
+_SHOWN_AT_SELECT_NO_ENCOUNTER = _SHOWN_AT_SELECT_BASE.where(
+    card_table.c.encounter_pseudonym.is_(None)
+)
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be used right now (down, locked, schema not yet created)."""
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    override_memory_days: int = DEFAULT_OVERRIDE_MEMORY_DAYS  # 0 = no override memory
+    select_sign_dedup: bool = True
+    retention_days: int = DEFAULT_RETENTION_DAYS
+
+
+@dataclass(frozen=True)
+class IssuedCard:
+    """What the feedback endpoint needs to know about a card it receives feedback on."""
+
+    card_uuid: str
+    service_id: str
+    rule_id: str
+    suggestion_uuids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class FeedbackRow:
+    """One validated feedback item, ready to store."""
+
+    dedup_key: str
+    card_uuid: str
+    outcome: str
+    outcome_at: datetime
+    accepted_suggestions: tuple[str, ...]
+    override_reason_system: str | None
+    override_reason_code: str | None
+    override_has_comment: bool
+
+
+@dataclass(frozen=True)
+class RememberedOverride:
+    """A not-recommended warning the clinician overrode for this patient and category."""
+
+    rule_id: str
+    category: str
+    overridden_at: datetime
+    remembered_until: datetime
+
+    def as_param(self) -> dict:
+        return {
+            "rule_id": self.rule_id,
+            "category": self.category,
+            "overridden_on": self.overridden_at.date().isoformat(),
+            "remembered_until": self.remembered_until.date().isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class CardOutcome:
+    """A card and the clinician's final answer to it (None: no feedback), for analytics."""
+
+    rule_id: str
+    issued_at: datetime
+    outcome: str | None
+    override_reason: str | None  # "system|code", None without a reason
+    removed_order: bool  # accepted a suggestion that removes the draft order
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def pseudonym(secret: bytes, kind: str, value: str) -> str:
+    """Keyed pseudonym: HMAC-SHA256 over "kind:value". Without the secret it cannot be reversed
+    by trying candidate patient ids; with it the same id always gives the same pseudonym."""
+    return hmac.new(secret, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
+
+
+def category_value(finding: Any) -> str | None:
+    category = getattr(finding, "category", None)
+    if category is None and getattr(finding, "order", None) is not None:
+        category = finding.order.category
+    if isinstance(category, Enum):
+        return str(category.value)
+    return category
+
+
+def order_code_text(order: Any) -> str | None:
+    code = getattr(order, "code", None) if order is not None else None
+    if not code:
+        return None
+    system, value = code
+    return f"{system}|{value}"[:300]
+
+
+def order_content_hash(order: Any) -> str | None:
+    """Hash of what makes an order "the same order" for select/sign de-duplication: its code,
+    dosage and reason. Identity, status and dates are left out: they change between select and
+    sign without changing what is ordered."""
+    if order is None:
+        return None
+    resource = getattr(order, "resource", None) or {}
+    content = {
+        "code": resource.get("code")
+        or resource.get("medicationCodeableConcept")
+        or resource.get("medicationReference")
+        or list(order.code or ()),
+        "dosage": resource.get("dosageInstruction") or order.dosage_text,
+        "reason": [resource.get("reasonCode"), resource.get("reasonReference")]
+        if resource
+        else [list(c) for c in order.reason_codes],
+        "category": category_value(order),
+    }
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def suggestion_summaries(card: Mapping[str, Any]) -> list[dict]:
+    summaries = []
+    for suggestion in card.get("suggestions") or ():
+        if not isinstance(suggestion, Mapping) or not suggestion.get("uuid"):
+            continue
+        actions = suggestion.get("actions") or ()
+        removes = any(isinstance(a, Mapping) and a.get("type") == "delete" for a in actions)
+        summaries.append({"uuid": str(suggestion["uuid"]), "removesOrder": removes})
+    return summaries
+
+
+def pair_cards_with_findings(findings: Sequence[Any], cards: Sequence[Mapping]) -> list:
+    """The finding behind each card. cards.build keeps one card per finding in finding order;
+    if it ever merges or adds cards, cards are matched by topic code (= rule id) instead."""
+    if len(findings) == len(cards) and all(
+        _topic(card) == f.rule_id for card, f in zip(cards, findings, strict=True)
+    ):
+        return list(findings)
+    unused = list(findings)
+    paired = []
+    for card in cards:
+        match = next((f for f in unused if f.rule_id == _topic(card)), None)
+        if match is not None:
+            unused.remove(match)
+        paired.append(match)
+    return paired
+
+
+def _topic(card: Mapping) -> str | None:
+    source = card.get("source") or {}
+    topic = source.get("topic") or {}
+    return topic.get("code")
+
+
+def feedback_dedup_key(
+    card_uuid: str, outcome: str, outcome_at: datetime, suggestion_ids: Iterable[str]
+) -> str:
+    stamp = outcome_at.astimezone(UTC).isoformat(timespec="microseconds")
+    joined = ",".join(sorted(set(suggestion_ids)))
+    return hashlib.sha256(f"{card_uuid}|{outcome}|{stamp}|{joined}".encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Settings (read from the app config; the environment is the fallback until config.Settings
+# carries these fields)
+
+
+def _config_value(app: Flask, name: str) -> Any:
+    key = f"RPL_{name}"
+    if app.config.get(key) is not None:
+        return app.config[key]
+    raw = os.environ.get(PREFIX + name)
+    return None if raw is None or not raw.strip() else raw.strip()
+
+
+def store_options(app: Flask) -> StoreOptions:
+    values: dict = {}
+    raw = _config_value(app, "OVERRIDE_MEMORY_DAYS")
+    if raw is not None:
+        values["override_memory_days"] = (
+            _parse_positive_int("OVERRIDE_MEMORY_DAYS", raw, minimum=0)
+            if isinstance(raw, str)
+            else int(raw)
+        )
+    raw = _config_value(app, "SELECT_SIGN_DEDUP")
+    if raw is not None:
+        values["select_sign_dedup"] = (
+            _parse_bool("SELECT_SIGN_DEDUP", raw) if isinstance(raw, str) else bool(raw)
+        )
+    raw = _config_value(app, "RETENTION_DAYS")
+    if raw is not None:
+        values["retention_days"] = (
+            _parse_positive_int("RETENTION_DAYS", raw, minimum=1)
+            if isinstance(raw, str)
+            else int(raw)
+        )
+    return StoreOptions(**values)
+
+
+def pseudonym_secret(app: Flask) -> bytes:
+    """The configured secret; or, for the embedded SQLite database only, a random one generated
+    once and kept in the instance folder (mode 0600).
+
+    With an external database (PostgreSQL) several hosts share the data and must share the
+    secret, and it must not live in the database it protects: the service refuses to start
+    without RPL_CDS_PSEUDONYM_SECRET.
+    """
+    configured = app.config["RPL_SETTINGS"].pseudonym_secret
+    if configured:
+        if len(configured) < 16:
+            log.warning("%sPSEUDONYM_SECRET is shorter than 16 characters; use 32+.", PREFIX)
+        return configured.encode()
+    url = database_url(app)
+    if not url.startswith("sqlite"):
+        raise ConfigError(
+            f"{PREFIX}PSEUDONYM_SECRET must be set when {PREFIX}DATABASE_URL names an external "
+            "database: every instance must use the same secret, and it must not be kept in the "
+            "database itself. Generate one with `python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'`."
+        )
+    return _instance_secret(os.path.join(app.instance_path, SECRET_FILE_NAME)).encode()
+
+
+def _instance_secret(path: str) -> str:
+    try:
+        with open(path, encoding="ascii") as handle:
+            value = handle.read().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    # Write to a private temporary file, then link it into place: concurrent start-ups agree on
+    # whichever secret was linked first.
+    value = secrets.token_urlsafe(32)
+    temporary = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+            handle.write(value + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temporary, path)
+            log.warning(
+                "generated a pseudonym secret in %s (set %sPSEUDONYM_SECRET to manage it "
+                "yourself; losing it ends the override memory, not the data).",
+                path,
+                PREFIX,
+            )
+        except FileExistsError:
+            pass
+    finally:
+        os.unlink(temporary)
+    with open(path, encoding="ascii") as handle:
+        return handle.read().strip()
+
+
+# --------------------------------------------------------------------------------------------
+# The extension
+
+# Database URLs this process has brought to the newest schema. Inherited across a gunicorn fork
+# on purpose: with preload the master migrates once and the workers need not check again.
+_migrated: set[str] = set()
+_migrated_lock = threading.Lock()
+
+
+class Store:
+    def __init__(self, app: Flask, secret: bytes, options: StoreOptions) -> None:
+        self._app = app
+        self._secret = secret
+        self.options = options
+        self.url = database_url(app)
+        self.dialect = "sqlite" if self.url.startswith("sqlite") else "postgresql"
+        self.zone = ZoneInfo(app.config["RPL_SETTINGS"].timezone)
+        # Injectable clock (tests move time forward); always timezone-aware UTC.
+        self.clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self.retry_after_failure_s = DEFAULT_RETRY_AFTER_FAILURE_S
+        self._skip_until = 0.0
+        self._outage = False
+        self._last_contention_log = 0.0
+        self._state_lock = threading.Lock()
+        self._inserts: dict[tuple[str, str], Any] = {}
+
+    # -- infrastructure ------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        return engine_for(self._app)
+
+    def pseudonym(self, kind: str, value: str) -> str:
+        return pseudonym(self._secret, kind, value)
+
+    def ensure_schema(self) -> None:
+        """Upgrade the database to the newest revision, once per process and database URL."""
+        if self.url in _migrated:
+            return
+        with _migrated_lock:
+            if self.url in _migrated:
+                return
+            from .migrations import upgrade_to_head
+
+            upgrade_to_head(self.engine)
+            # No pooled connection may cross a gunicorn fork (preload runs this in the master).
+            self.engine.dispose()
+            _migrated.add(self.url)
+
+    def _ready_engine(self) -> Engine:
+        self.ensure_schema()
+        return self.engine
+
+    def _note_failure(self, error: Exception, where: str) -> None:
+        if _is_contention(error):
+            # Locked or slow, not down: this request goes without; the next one tries again.
+            now = time.monotonic()
+            if now - self._last_contention_log > 60:
+                self._last_contention_log = now
+                log.warning(
+                    "database busy (%s during %s): this request went without the store",
+                    type(error).__name__,
+                    where,
+                )
+            return
+        with self._state_lock:
+            self._skip_until = time.monotonic() + self.retry_after_failure_s
+            first = not self._outage
+            self._outage = True
+        # The database may come back empty or restored from an older backup: check the schema
+        # again on the next attempt (cheap when it is current).
+        _migrated.discard(self.url)
+        if isinstance(error, CommandError):
+            log.error("database schema cannot be upgraded: %s", error)
+        if first:
+            # The message of a DBAPI error may quote parameters; those are pseudonyms only.
+            log.warning(
+                "database unavailable (%s during %s): hooks answer without override memory and "
+                "select/sign de-duplication, cards are not recorded, feedback answers 503",
+                type(error).__name__,
+                where,
+            )
+
+    def _note_success(self) -> None:
+        if self._outage:
+            with self._state_lock:
+                was_down, self._outage = self._outage, False
+                self._skip_until = 0.0
+            if was_down:
+                log.warning("database available again")
+
+    @contextmanager
+    def _transaction(self, *, lock_wait_ms: int, statement_timeout_ms: int | None):
+        engine = self._ready_engine()
+        with engine.begin() as connection:
+            if self.dialect == "sqlite":
+                connection.exec_driver_sql(f"PRAGMA busy_timeout={int(lock_wait_ms)}")
+            else:
+                # Transaction-local settings. synchronous_commit=on: an acknowledged commit is on
+                # disk whatever the server default is (feedback is acknowledged after commit).
+                connection.exec_driver_sql(
+                    "SELECT set_config('lock_timeout', %(lock)s, true),"
+                    " set_config('statement_timeout', %(statement)s, true),"
+                    " set_config('synchronous_commit', 'on', true)",
+                    {"lock": str(lock_wait_ms), "statement": str(statement_timeout_ms or 0)},
+                )
+            yield connection
+
+    @contextmanager
+    def _hook_transaction(self, where: str) -> Iterator[Connection | None]:
+        """A short-limit transaction for the hook path, or None when the database is unusable.
+        Errors are logged and swallowed: the hook answers regardless."""
+        if time.monotonic() < self._skip_until:
+            yield None
+            return
+        try:
+            with self._transaction(
+                lock_wait_ms=HOOK_LOCK_WAIT_MS, statement_timeout_ms=HOOK_STATEMENT_TIMEOUT_MS
+            ) as connection:
+                yield connection
+        except DATABASE_ERRORS as error:
+            self._note_failure(error, where)
+            return
+        self._note_success()
+
+    @contextmanager
+    def feedback_transaction(self) -> Iterator[Connection]:
+        """A transaction for the feedback endpoint; raises StoreUnavailable (-> 503)."""
+        try:
+            with self._transaction(
+                lock_wait_ms=FEEDBACK_LOCK_WAIT_MS, statement_timeout_ms=10_000
+            ) as connection:
+                yield connection
+        except DATABASE_ERRORS as error:
+            self._note_failure(error, "feedback")
+            raise StoreUnavailable(str(type(error).__name__)) from error
+        self._note_success()
+
+    # -- hook path -----------------------------------------------------------------------------
+
+    def filter_findings(self, call: Any, facts: Any, findings: Sequence[Any]) -> list:
+        """Apply override memory and select/sign de-duplication (see the module docstring).
+        Never raises: on any problem the findings come back unfiltered."""
+        try:
+            return self._filter_findings(call, list(findings))
+        except Exception:  # noqa: BLE001 - a bug here must not cost the clinician the cards
+            log.exception("filter_findings failed; answering without the store's memories")
+            return list(findings)
+
+    def _filter_findings(self, call: Any, findings: list) -> list:
+        hook = call.service.hook
+        categories = {
+            category_value(f) for f in findings if f.rule_id in NOT_RECOMMENDED_RULES
+        } - {None}
+        # patient-view has no order warnings; its summary mentions every remembered override.
+        summary = hook == "patient-view" and any(f.rule_id == SUMMARY_RULE for f in findings)
+        use_memory = (bool(categories) or summary) and self.options.override_memory_days > 0
+        dedup_codes = (
+            {order_code_text(f.order) for f in findings if f.order is not None} - {None}
+            if hook == "order-sign" and self.options.select_sign_dedup
+            else set()
+        )
+        if not use_memory and not dedup_codes:
+            return findings
+        now = self.clock()
+        patient = self.pseudonym("patient", call.patient_id)
+        encounter = self.pseudonym("encounter", call.encounter_id) if call.encounter_id else None
+        remembered: dict[str, RememberedOverride] = {}
+        shown_at_select: set[tuple[str, str, str]] = set()
+        with self._hook_transaction("filter_findings") as connection:
+            if connection is None:
+                return findings
+            if use_memory:
+                remembered = self._remembered_overrides(
+                    connection, patient, None if summary else categories, now
+                )
+            if dedup_codes:
+                shown_at_select = self._shown_at_select(
+                    connection, patient, encounter, dedup_codes, now
+                )
+        return apply_memories(findings, hook, remembered, shown_at_select)
+
+    def _remembered_overrides(
+        self, connection: Connection, patient: str, categories: set[str] | None, now: datetime
+    ) -> dict[str, RememberedOverride]:
+        """Category -> the clinician's override, when the most recent feedback on a
+        not-recommended card for this patient and category (within the period) overrode it.
+        `categories` None: every category."""
+        days = self.options.override_memory_days
+        query = _MEMORY_QUERY if categories is None else _MEMORY_QUERY_FOR_CATEGORIES
+        parameters = {
+            "patient": patient,
+            "since": now - timedelta(days=days),
+            "now": now,
+            "categories": sorted(categories or ()),
+        }
+        latest: dict[str, tuple] = {}
+        for category, rule_id, outcome, outcome_at in connection.execute(query, parameters):
+            latest.setdefault(category, (rule_id, outcome, outcome_at))
+        return {
+            category: RememberedOverride(
+                rule_id=rule_id,
+                category=category,
+                # Local time, so the card's "overridden on" date is the clinician's date.
+                overridden_at=at.astimezone(self.zone),
+                remembered_until=(at + timedelta(days=days)).astimezone(self.zone),
+            )
+            for category, (rule_id, outcome, at) in sorted(latest.items())
+            if outcome == "overridden"
+        }
+
+    def _shown_at_select(
+        self,
+        connection: Connection,
+        patient: str,
+        encounter: str | None,
+        codes: set[str],
+        now: datetime,
+    ) -> set[tuple[str, str, str]]:
+        query = _SHOWN_AT_SELECT_NO_ENCOUNTER if encounter is None else _SHOWN_AT_SELECT
+        parameters = {
+            "patient": patient,
+            "encounter": encounter,
+            "codes": sorted(codes),
+            "since": now - SELECT_SIGN_WINDOW,
+            "now": now,
+        }
+        return {tuple(row) for row in connection.execute(query, parameters)}
+
+    def record_cards(self, call: Any, findings: Sequence[Any], cards: Sequence[Mapping]) -> None:
+        """Record each issued card. Never raises: a card that cannot be recorded is still shown."""
+        try:
+            self._record_cards(call, findings, cards)
+        except Exception:  # noqa: BLE001
+            log.exception("record_cards failed; the cards were answered but not recorded")
+
+    def _record_cards(self, call: Any, findings: Sequence[Any], cards: Sequence[Mapping]) -> None:
+        rows = self.card_rows(call, findings, cards)
+        if not rows:
+            return
+        with self._hook_transaction("record_cards") as connection:
+            if connection is None:
+                return
+            connection.execute(self._insert_ignoring_duplicates(card_table, "card_uuid"), rows)
+
+    def card_rows(self, call: Any, findings: Sequence[Any], cards: Sequence[Mapping]) -> list:
+        now = self.clock()
+        patient = self.pseudonym("patient", call.patient_id)
+        encounter = self.pseudonym("encounter", call.encounter_id) if call.encounter_id else None
+        rows = []
+        for card, finding in zip(cards, pair_cards_with_findings(findings, cards), strict=True):
+            if not card.get("uuid"):
+                continue  # no uuid, no feedback (CDS Hooks 2.0): nothing worth recording
+            order = getattr(finding, "order", None)
+            rows.append(
+                {
+                    "card_uuid": str(card["uuid"])[:64],
+                    "service_id": call.service.id,
+                    "hook": call.service.hook,
+                    "rule_id": str(_topic(card) or getattr(finding, "rule_id", "unknown"))[:64],
+                    "indicator": str(card.get("indicator", "info"))[:16],
+                    "hook_instance": str(call.hook_instance)[:128],
+                    "issued_at": now,
+                    "patient_pseudonym": patient,
+                    "encounter_pseudonym": encounter,
+                    "order_ref_pseudonym": self.pseudonym("order", order.resource_ref)
+                    if order is not None and order.resource_ref
+                    else None,
+                    "order_code": order_code_text(order),
+                    "category": category_value(finding) if finding is not None else None,
+                    "order_hash": order_content_hash(order),
+                    "suggestions": suggestion_summaries(card),
+                }
+            )
+        return rows
+
+    def _insert_ignoring_duplicates(self, table: Table, key: str):
+        statement = self._inserts.get((table.name, key))
+        if statement is None:
+            if self.dialect == "sqlite":
+                from sqlalchemy.dialects.sqlite import insert
+            else:
+                from sqlalchemy.dialects.postgresql import insert
+            statement = insert(table).on_conflict_do_nothing(index_elements=[key])
+            self._inserts[(table.name, key)] = statement
+        return statement
+
+    # -- feedback ------------------------------------------------------------------------------
+
+    def issued_cards(self, card_uuids: Iterable[str]) -> dict[str, IssuedCard]:
+        """The recorded cards among `card_uuids` (raises StoreUnavailable)."""
+        wanted = sorted(set(card_uuids))
+        found: dict[str, IssuedCard] = {}
+        with self.feedback_transaction() as connection:
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                query = select(
+                    card_table.c.card_uuid,
+                    card_table.c.service_id,
+                    card_table.c.rule_id,
+                    card_table.c.suggestions,
+                ).where(card_table.c.card_uuid.in_(chunk))
+                for card_uuid, service_id, rule_id, suggestions in connection.execute(query):
+                    found[card_uuid] = IssuedCard(
+                        card_uuid=card_uuid,
+                        service_id=service_id,
+                        rule_id=rule_id,
+                        suggestion_uuids=frozenset(s["uuid"] for s in suggestions or ()),
+                    )
+        return found
+
+    def store_feedback(self, rows: Sequence[FeedbackRow]) -> int:
+        """Insert all rows in one transaction (all or nothing); duplicates are skipped. Returns
+        how many rows were new. Returns only after the commit (raises StoreUnavailable)."""
+        received_at = self.clock()
+        values = [
+            {
+                "dedup_key": row.dedup_key,
+                "card_uuid": row.card_uuid,
+                "outcome": row.outcome,
+                "outcome_at": min(row.outcome_at, received_at),
+                "received_at": received_at,
+                "accepted_suggestions": list(row.accepted_suggestions),
+                "override_reason_system": row.override_reason_system,
+                "override_reason_code": row.override_reason_code,
+                "override_has_comment": row.override_has_comment,
+            }
+            for row in {r.dedup_key: r for r in rows}.values()
+        ]
+        if not values:
+            return 0
+        inserted = 0
+        # RETURNING names the rows actually inserted (rowcount is not reliable for INSERT on
+        # every driver); conflicting duplicates return nothing.
+        statement = self._insert_ignoring_duplicates(feedback_table, "dedup_key").returning(
+            feedback_table.c.dedup_key
+        )
+        with self.feedback_transaction() as connection:
+            for start in range(0, len(values), 200):
+                result = connection.execute(statement.values(values[start : start + 200]))
+                inserted += len(result.all())
+        return inserted
+
+    # -- analytics and retention ---------------------------------------------------------------
+
+    def card_outcomes(self, since: datetime | None = None) -> Iterator[CardOutcome]:
+        """Every card issued since `since` with its final feedback (the newest by outcome time).
+        Raises StoreUnavailable."""
+        query = (
+            select(
+                card_table.c.card_uuid,
+                card_table.c.rule_id,
+                card_table.c.issued_at,
+                card_table.c.suggestions,
+                feedback_table.c.outcome,
+                feedback_table.c.accepted_suggestions,
+                feedback_table.c.override_reason_system,
+                feedback_table.c.override_reason_code,
+            )
+            .select_from(
+                card_table.outerjoin(
+                    feedback_table, feedback_table.c.card_uuid == card_table.c.card_uuid
+                )
+            )
+            .order_by(card_table.c.id, feedback_table.c.outcome_at, feedback_table.c.id)
+        )
+        if since is not None:
+            query = query.where(card_table.c.issued_at >= since)
+        with self.feedback_transaction() as connection:
+            # Streamed in batches: two years of cards need not fit in memory at once.
+            rows = connection.execution_options(yield_per=2000).execute(query)
+            yield from _final_outcomes(rows)
+
+    def purge(self, older_than_days: int | None = None) -> tuple[int, int]:
+        """Delete cards issued more than `older_than_days` (default: the retention setting) ago,
+        with their feedback. Returns (cards, feedback) deleted. Raises StoreUnavailable."""
+        days = self.options.retention_days if older_than_days is None else older_than_days
+        cutoff = self.clock() - timedelta(days=days)
+        old_cards = select(card_table.c.card_uuid).where(card_table.c.issued_at < cutoff)
+        with self.feedback_transaction() as connection:
+            feedback = connection.execute(
+                delete(feedback_table).where(feedback_table.c.card_uuid.in_(old_cards))
+            ).rowcount
+            cards = connection.execute(
+                delete(card_table).where(card_table.c.issued_at < cutoff)
+            ).rowcount
+        return cards, feedback
+
+
+# SQLite "database is locked"; PostgreSQL lock_not_available, query_canceled (our timeouts).
+_CONTENTION_SQLSTATES = {"55P03", "57014"}
+
+
+def _is_contention(error: Exception) -> bool:
+    original = getattr(error, "orig", None)
+    if getattr(original, "sqlstate", None) in _CONTENTION_SQLSTATES:
+        return True
+    return "database is locked" in str(original or "")
+
+
+def apply_memories(
+    findings: Sequence[Any],
+    hook: str,
+    remembered: Mapping[str, RememberedOverride],
+    shown_at_select: set[tuple[str, str, str]],
+) -> list:
+    """Pure part of `filter_findings`:
+    - a not-recommended finding whose category the clinician overrode is dropped at the order
+      hooks; at patient-view it stays, marked `suppressed_override` (to be mentioned, not warned);
+    - the patient-view summary (`rpl-summary`) gets `remembered_overrides`, one entry per
+      remembered override, so the summary card can mention them;
+    - at order-sign, an order finding shown at order-select for the same order content is dropped.
+    """
+    kept = []
+    for finding in findings:
+        category = category_value(finding)
+        if finding.rule_id in NOT_RECOMMENDED_RULES and category in remembered:
+            if hook == "patient-view":
+                override = remembered[category]
+                params = dict(finding.params)
+                params["suppressed_override"] = True
+                params["overridden_on"] = override.overridden_at.date().isoformat()
+                params["remembered_until"] = override.remembered_until.date().isoformat()
+                kept.append(replace(finding, params=params))
+            continue  # the order hooks do not repeat an overridden warning
+        if finding.rule_id == SUMMARY_RULE and hook == "patient-view" and remembered:
+            params = dict(finding.params)
+            params["remembered_overrides"] = [o.as_param() for o in remembered.values()]
+            kept.append(replace(finding, params=params))
+            continue
+        order = finding.order
+        if order is not None and shown_at_select:
+            key = (finding.rule_id, order_code_text(order), order_content_hash(order))
+            if key in shown_at_select:
+                continue
+        kept.append(finding)
+    return kept
+
+
+def _final_outcomes(rows: Iterable) -> Iterator[CardOutcome]:
+    current = None
+    final: tuple | None = None
+    for row in rows:
+        if current is not None and row.card_uuid != current.card_uuid:
+            yield _card_outcome(current, final)
+            final = None
+        current = row
+        if row.outcome is not None:
+            final = row
+    if current is not None:
+        yield _card_outcome(current, final)
+
+
+def _card_outcome(card_row, final) -> CardOutcome:
+    if final is None:
+        return CardOutcome(card_row.rule_id, card_row.issued_at, None, None, False)
+    reason = (
+        f"{final.override_reason_system or ''}|{final.override_reason_code}"
+        if final.outcome == "overridden" and final.override_reason_code
+        else None
+    )
+    removing = {s["uuid"] for s in card_row.suggestions or () if s.get("removesOrder")}
+    removed = final.outcome == "accepted" and bool(removing & set(final.accepted_suggestions or ()))
+    return CardOutcome(card_row.rule_id, card_row.issued_at, final.outcome, reason, removed)
+
+
+def init_app(app: Flask) -> None:
+    """Register the `rpl_store` extension and bring the database schema up to date.
+
+    A database that cannot be reached at start-up does not stop the service (hooks work without
+    it); the upgrade is retried on the next request that needs the database.
+    """
+    store = Store(app, pseudonym_secret(app), store_options(app))
+    if store.options.retention_days < store.options.override_memory_days:
+        log.warning(
+            "%sRETENTION_DAYS (%d) is shorter than %sOVERRIDE_MEMORY_DAYS (%d): overrides are "
+            "forgotten when their cards are purged",
+            PREFIX,
+            store.options.retention_days,
+            PREFIX,
+            store.options.override_memory_days,
+        )
+    app.extensions["rpl_store"] = store
+    try:
+        store.ensure_schema()
+    except DATABASE_ERRORS as error:
+        store._note_failure(error, "start-up schema upgrade")
+
+
+def get_store(app: Flask) -> Store:
+    return app.extensions["rpl_store"]
+
+
+def parse_since(value: str | None) -> datetime | None:
+    """`YYYY-MM-DD` (start of that day, UTC) or a full RFC 3339 timestamp; None for None."""
+    if value is None or value == "":
+        return None
+    try:
+        if len(value) == 10:
+            day = date.fromisoformat(value)
+            return datetime(day.year, day.month, day.day, tzinfo=UTC)
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"not a date (YYYY-MM-DD): {value!r}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
