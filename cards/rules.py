@@ -703,8 +703,9 @@ def cervical_surveillance(facts: PatientFacts) -> list[Finding]:
 
 def early_pregnancy_support(facts: PatientFacts) -> list[Finding]:
     """R06 "-Bied bij nieuwe zwangerschap ondersteunende zorg aan, met vroege vitaliteitecho’s." and
-    R04 "-Adviseer standaard vitamine D en foliumzuur." Early = first trimester (< 12+0, A8
-    boundary) or gestational age unknown; not during an ongoing miscarriage."""
+    R04 "-Adviseer standaard vitamine D en foliumzuur." Early = first trimester (< 12+0) or
+    gestational age unknown; not during an ongoing miscarriage. The card names no limit: the
+    first-trimester bound is rpl-cds's own choice, said so in the card, pending clinical review."""
     if not facts.has_rpl or not facts.pregnant or facts.active_miscarriage:
         return []
     ga = facts.gestational_age_days
