@@ -68,6 +68,9 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     extra_codes_file: str | None = None
     pseudonym_secret: str | None = None
+    override_memory_days: int = 180  # 0 = no override memory
+    select_sign_dedup: bool = True
+    retention_days: int = 730
     log_level: str = "INFO"
 
     def as_flask_config(self) -> dict:
@@ -118,6 +121,12 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
         values["extra_codes_file"] = raw
     if (raw := get("PSEUDONYM_SECRET")) is not None:
         values["pseudonym_secret"] = raw
+    if (raw := get("OVERRIDE_MEMORY_DAYS")) is not None:
+        values["override_memory_days"] = _parse_positive_int("OVERRIDE_MEMORY_DAYS", raw, minimum=0)
+    if (raw := get("SELECT_SIGN_DEDUP")) is not None:
+        values["select_sign_dedup"] = _parse_bool("SELECT_SIGN_DEDUP", raw)
+    if (raw := get("RETENTION_DAYS")) is not None:
+        values["retention_days"] = _parse_positive_int("RETENTION_DAYS", raw)
     if (raw := get("LOG_LEVEL")) is not None:
         values["log_level"] = raw.upper()
     settings = Settings(**values)
