@@ -3,7 +3,8 @@ FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    PIP_NO_CACHE_DIR=1
+    PIP_NO_CACHE_DIR=1 \
+    PROMETHEUS_MULTIPROC_DIR=/tmp/rpl-cds-metrics
 
 RUN groupadd --system rplcds && useradd --system --gid rplcds --home-dir /app --shell /usr/sbin/nologin rplcds
 WORKDIR /app
