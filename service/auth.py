@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jsonschema import Draft202012Validator
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from .config import ConfigError
+from .config import ConfigError, is_loopback_host
 
 log = logging.getLogger(__name__)
 
@@ -175,23 +175,12 @@ def _check_jku(jku: str, at: str) -> None:
     parts = urlsplit(jku)
     if parts.scheme not in ("https", "http") or not parts.hostname:
         raise ConfigError(f"{at}: jku {jku!r} is not an absolute URL")
-    if parts.scheme == "http" and not _is_loopback_host(parts.hostname):
+    if parts.scheme == "http" and not is_loopback_host(parts.hostname):
         raise ConfigError(
             f"{at}: jku {jku!r} must use https (plain http is accepted only on loopback, for tests)"
         )
     if parts.username or parts.password:
         raise ConfigError(f"{at}: jku must not contain credentials")
-
-
-def _is_loopback_host(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # --------------------------------------------------------------------------------------------

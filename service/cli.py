@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 from collections.abc import Callable, Sequence
 
@@ -13,14 +12,14 @@ Handler = Callable[[argparse.Namespace], int]
 
 def _serve(args: argparse.Namespace) -> int:
     from . import create_app
-    from .config import ConfigError, settings_from_env
+    from .config import ConfigError, is_loopback_host, settings_from_env
 
     try:
         settings = settings_from_env()
     except ConfigError as error:
         print(f"rpl-cds: configuration error: {error}", file=sys.stderr)
         return 2
-    if settings.auth == "disabled" and not _is_loopback(args.host):
+    if settings.auth == "disabled" and not is_loopback_host(args.host):
         print(
             "rpl-cds: refusing to listen on a non-loopback address with RPL_CDS_AUTH=disabled "
             f"({args.host}). Enable JWT checks or bind to 127.0.0.1.",
@@ -40,15 +39,6 @@ def _serve(args: argparse.Namespace) -> int:
         request_handler=QuietRequestHandler,  # no Werkzeug/Python version in the Server header
     )
     return 0
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _rules(args: argparse.Namespace) -> int:

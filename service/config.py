@@ -16,6 +16,20 @@ PREFIX = "RPL_CDS_"
 SUPPORTED_LANGUAGES = ("nl", "en")
 
 
+def is_loopback_host(host: str | None) -> bool:
+    """localhost or a loopback address (127.0.0.0/8, ::1): where local-only shortcuts are allowed."""
+    import ipaddress
+
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the variable."""
 

@@ -11,12 +11,12 @@ For each prefetch key of the service (cds-hooks.md section 3.4):
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from . import fhir_client
+from .config import is_loopback_host
 from .errors import ApiError
 from .services import CdsService, PrefetchKey, substitute_tokens
 
@@ -56,15 +56,7 @@ def fhir_server_allowed(base_url: str, allowlist: tuple[str, ...], allow_loopbac
     for allowed in allowlist:
         if normalized == allowed or normalized.startswith(allowed + "/"):
             return True
-    if allow_loopback:
-        host = urlsplit(normalized).hostname or ""
-        if host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
-    return False
+    return allow_loopback and is_loopback_host(urlsplit(normalized).hostname)
 
 
 def gather(

@@ -29,6 +29,8 @@ from zoneinfo import ZoneInfo
 
 import requests
 
+from .services import substitute_tokens
+
 DEFAULT_SERVICE = "http://127.0.0.1:8080"
 DEFAULT_USER = "Practitioner/rpl-cds-cli"
 DEFAULT_TIMEZONE = "Europe/Amsterdam"  # the service's default RPL_CDS_TIMEZONE
@@ -36,15 +38,6 @@ HOOKS = ("patient-view", "order-select", "order-sign")
 FHIR_JSON = "application/fhir+json"
 JWT_LIFETIME_SECONDS = 300
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-# CDS Hooks 2.0 prefetch tokens (the service publishes no others).
-_TOKEN = re.compile(r"\{\{\s*([A-Za-z.]+)\s*\}\}")
-_USER_TOKENS = {
-    "userPractitionerId": "Practitioner",
-    "userPractitionerRoleId": "PractitionerRole",
-    "userPatientId": "Patient",
-    "userRelatedPersonId": "RelatedPerson",
-}
 
 
 class CliError(Exception):
@@ -185,24 +178,9 @@ def hook_context(
 
 
 def fill_template(template: str, context: dict) -> str | None:
-    """A prefetch template with its CDS Hooks 2.0 tokens filled in; None when a token has no value."""
-    user_type, _, user_id = str(context.get("userId", "")).partition("/")
-    missing = False
-
-    def value(match: re.Match) -> str:
-        nonlocal missing
-        token = match.group(1)
-        if token.startswith("context."):
-            found = context.get(token.removeprefix("context."))
-        else:
-            found = user_id if _USER_TOKENS.get(token) == user_type else None
-        if not isinstance(found, str) or not found:
-            missing = True
-            return ""
-        return found
-
-    filled = _TOKEN.sub(value, template)
-    return None if missing else filled
+    """A prefetch template with its CDS Hooks 2.0 tokens filled in; None when a token has no value.
+    The same substitution the service applies to the keys it fetches itself."""
+    return substitute_tokens(template, context)
 
 
 def fulfil_prefetch(
