@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import collections
-import threading
 import time
 
 import pytest
@@ -39,12 +37,8 @@ PATIENT_VIEW = "/cds-services/rpl-patient-view"
 
 
 def start_service(tmp_path, env: dict[str, str], workers: int = 2):
-    """`start_gunicorn`, plus a thread that keeps reading gunicorn's output: its stdout is a pipe,
-    and a pipe nobody reads blocks the workers once ~64 KB of log lines have piled up."""
-    proc, base = start_gunicorn(tmp_path, env, workers=workers)
-    proc.recent_output = collections.deque(maxlen=200)
-    threading.Thread(target=lambda: proc.recent_output.extend(proc.stdout), daemon=True).start()
-    return proc, base
+    """`start_gunicorn` (its output goes to `proc.log_path`)."""
+    return start_gunicorn(tmp_path, env, workers=workers)
 
 
 @pytest.fixture(scope="module")
