@@ -45,7 +45,8 @@ def engine_for(app: Flask | None = None) -> Engine:
 def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
-            url, connect_args={"timeout": 5, "check_same_thread": False}, pool_pre_ping=True
+            # No pool_pre_ping: a SQLite "connection" is a file handle, a ping only costs time.
+            url, connect_args={"timeout": 5, "check_same_thread": False}
         )
 
         @event.listens_for(engine, "connect")
