@@ -50,5 +50,13 @@ docs: install
 bench: install node-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
+# Longer property-based runs (schemathesis + hypothesis mutations), about 4 minutes on 2 cores.
+fuzz: install
+	FUZZ_EXAMPLES=$${FUZZ_EXAMPLES:-1000} $(BIN)/python -m pytest -q tests/test_fuzz.py tests/test_bad_input.py -k "conforms_to_openapi or mutated"
+
+# Bounded load test on 127.0.0.1, under 2 minutes; LOAD_ARGS=--postgres for PostgreSQL.
+load: install
+	$(BIN)/python -m loadtest $(LOAD_ARGS)
+
 clean:
 	rm -rf $(VENV) $(FHIR_SERVER_DIR)/node_modules instance .pytest_cache

@@ -175,7 +175,8 @@ def extract_patient_facts(
             state.skipped += 1
     state.items = items
     for resource in items:
-        handler = HANDLERS.get(resource.get("resourceType"))
+        resource_type = resource.get("resourceType")
+        handler = HANDLERS.get(resource_type) if isinstance(resource_type, str) else None
         if handler is not None:
             try:
                 handler(state, resource)
@@ -828,6 +829,8 @@ def _lab_result(
         if not isinstance(quantity, dict):
             raise Malformed("valueQuantity is not an object")
         value = _number(quantity.get("value"))
+        if value is not None and value < 0:
+            raise Malformed("a concentration or titre cannot be negative")
         unit = quantity.get("unit") or quantity.get("code")
         comparator = quantity.get("comparator")
     elif r.get("valueInteger") is not None:
@@ -1103,7 +1106,10 @@ def _draft_order(st: _State, r: dict, focus: set[str] | None) -> None:
     rtype = r.get("resourceType")
     rid = r.get("id")
     in_focus = focus is None or (isinstance(rid, str) and f"{rtype}/{rid}" in focus)
-    when = _first_date(r, "authoredOn", "dateWritten", "orderedOn")
+    try:
+        when = _first_date(r, "authoredOn", "dateWritten", "orderedOn")
+    except READ_ERRORS:
+        when = None  # judged without its date rather than dropped with its warning
     if rtype in ("MedicationRequest", "MedicationOrder"):
         _add_medication(st, r, DRAFT, when, _as_list(r.get("dosageInstruction")), in_focus)
     elif rtype in ("ServiceRequest", "ProcedureRequest"):

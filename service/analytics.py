@@ -414,8 +414,11 @@ def openapi_paths(components: dict) -> dict:
         "name": "since",
         "in": "query",
         "required": False,
-        "description": "Only cards issued on or after this date (YYYY-MM-DD, UTC).",
-        "schema": {"type": "string", "format": "date"},
+        "description": "Only cards issued on or after this date (YYYY-MM-DD, UTC) or RFC 3339 "
+        "date-time. Empty (as the page's form sends it): all cards.",
+        "schema": {"anyOf": [{"type": "string", "format": "date"},
+                             {"type": "string", "format": "date-time"},
+                             {"type": "string", "maxLength": 0}]},
     }
     errors = {
         "400": {

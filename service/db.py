@@ -66,5 +66,7 @@ def _create_engine(url: str) -> Engine:
         pool_size=5,
         max_overflow=5,
         pool_timeout=2,
-        connect_args={"connect_timeout": 2},
+        # A silent network (no answer, no reset) is noticed in seconds, not after TCP's minutes.
+        connect_args={"connect_timeout": 2, "keepalives": 1, "keepalives_idle": 5,
+                      "keepalives_interval": 2, "keepalives_count": 2, "tcp_user_timeout": 8000},
     )

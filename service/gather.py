@@ -45,6 +45,10 @@ def decide_fhir_access(body: dict, allowlist: tuple[str, ...], allow_loopback: b
     token = auth.get("access_token")
     if not base_url:
         return FhirAccess(None, None, False, "the request names no fhirServer")
+    try:
+        urlsplit(base_url).port  # parses the host (IPv6 brackets) and the port
+    except ValueError:
+        raise ApiError(400, "fhirServer is not a valid URL", expression=["fhirServer"]) from None
     if fhir_server_allowed(base_url, allowlist, allow_loopback):
         return FhirAccess(base_url, token, True)
     # Never call, and never hand the token to, a server that is not on the allowlist.
@@ -140,13 +144,13 @@ def check_prefetch_value(key: PrefetchKey, value: object) -> tuple[bool, str]:
         if resource_type != key.read_type:
             raise ApiError(
                 400,
-                f"prefetch.{key.key}: expected a {key.read_type} resource, got {resource_type}",
+                f"prefetch.{key.key}: expected a {key.read_type} resource, got {resource_type[:64]}",
                 expression=[f"prefetch.{key.key}"],
             )
         return True, ""
     if resource_type != "Bundle":
         raise ApiError(
-            400, f"prefetch.{key.key}: expected a searchset Bundle, got {resource_type}",
+            400, f"prefetch.{key.key}: expected a searchset Bundle, got {resource_type[:64]}",
             expression=[f"prefetch.{key.key}"],
         )
     entries = value.get("entry")

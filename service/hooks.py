@@ -95,7 +95,7 @@ def call_service(service_id: str):
     pairs = build_card_pairs(findings, facts=facts, language=language)
     cards = [card for _, card in pairs]
     if store is not None:
-        store.record_cards(call, [finding for finding, _ in pairs], cards)
+        store.record_cards_in_background(call, [finding for finding, _ in pairs], cards)
     g.rpl_card_topics = [c["source"].get("topic", {}).get("code") for c in cards]
     return jsonify({"cards": cards})
 
@@ -106,7 +106,7 @@ def validate_hook_request(body: object, service: CdsService) -> None:
     if body["hook"] != service.hook:
         raise ApiError(
             400,
-            f"hook '{body['hook']}' does not match service '{service.id}', "
+            f"hook '{str(body['hook'])[:64]}' does not match service '{service.id}', "
             f"which answers the '{service.hook}' hook.",
             expression=["hook"],
         )

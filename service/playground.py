@@ -524,6 +524,8 @@ def openapi_paths(components: dict) -> dict:
                     },
                     "400": {"description": "Invalid input; the OperationOutcome names the field.", "content": outcome},
                     "404": {"description": "The playground is off.", "content": outcome},
+                    "413": {"description": "Body larger than RPL_CDS_MAX_BODY_BYTES.", "content": outcome},
+                    "415": {"description": "Content-Type is not application/json.", "content": outcome},
                 },
             }
         },

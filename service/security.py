@@ -115,7 +115,7 @@ def _guard() -> Response | None:
     if not is_protected(request.path):
         return None
     if request.method == "OPTIONS":
-        preflight = Response(status=204, headers={"Allow": CORS_ALLOW_METHODS})
+        preflight = Response(status=204, headers={"Allow": allowed_methods()})
         del preflight.headers["Content-Type"]  # no body
         return preflight
     authenticator: Authenticator | None = current_app.extensions.get("rpl_auth")
@@ -139,6 +139,13 @@ def _guard() -> Response | None:
     finally:
         g.rpl_auth_ms = round((time.perf_counter() - started) * 1000, 2)
     return None
+
+
+def allowed_methods() -> str:
+    """The methods of the matched route (RFC 9110 Allow), HEAD left out as our OpenAPI does."""
+    rule = request.url_rule
+    methods = set(rule.methods or ()) - {"HEAD"} if rule is not None else {"OPTIONS"}
+    return ", ".join(sorted(methods | {"OPTIONS"}))
 
 
 def _add_headers(response: Response) -> Response:

@@ -38,7 +38,9 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from enum import Enum
@@ -84,6 +86,14 @@ SELECT_SIGN_WINDOW = timedelta(hours=24)
 HOOK_LOCK_WAIT_MS = 250
 HOOK_STATEMENT_TIMEOUT_MS = 500
 FEEDBACK_LOCK_WAIT_MS = 3000
+# The most a hook waits for the database (override memory, de-duplication) before answering
+# without it. The wait itself runs on the store's own threads, so a database that stops answering
+# (a silent network) holds those threads, never the request threads.
+HOOK_DB_BUDGET_S = 0.5
+# Cards are recorded after the answer, on the store's threads: they may wait for a busy database
+# as long as feedback does, and a lock held for a moment by another process loses no card.
+RECORD_LOCK_WAIT_MS = FEEDBACK_LOCK_WAIT_MS
+STORE_THREADS = 2
 # After a database failure on the hook path, hooks skip the database this long (seconds) so an
 # outage does not add a connection timeout to every hook call. Feedback always tries.
 DEFAULT_RETRY_AFTER_FAILURE_S = 2.0
@@ -489,6 +499,33 @@ class Store:
         self._last_contention_log = 0.0
         self._state_lock = threading.Lock()
         self._inserts: dict[tuple[str, str], Any] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = 0
+        self._pending: set[Future] = set()
+
+    def _executor(self) -> ThreadPoolExecutor:
+        """The store's threads, per process (a gunicorn fork gets its own)."""
+        with self._state_lock:
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="rpl-store")
+                self._pool_pid = os.getpid()
+                self._pending = set()
+            return self._pool
+
+    def wait_for_recording(self, timeout: float = 5.0) -> None:
+        """Wait (at most `timeout` seconds in all) for this process's pending card recordings:
+        feedback and the select/sign de-duplication look cards up after them."""
+        deadline = time.monotonic() + timeout
+        with self._state_lock:
+            pending = list(self._pending)
+        for future in pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            try:
+                future.result(timeout=remaining)
+            except Exception:  # noqa: BLE001 - a timeout, or an error logged where it happened
+                pass
 
     # -- infrastructure ------------------------------------------------------------------------
 
@@ -573,21 +610,44 @@ class Store:
             yield connection
 
     @contextmanager
-    def _hook_transaction(self, where: str) -> Iterator[Connection | None]:
+    def _hook_transaction(
+        self, where: str, lock_wait_ms: int = HOOK_LOCK_WAIT_MS,
+        statement_timeout_ms: int = HOOK_STATEMENT_TIMEOUT_MS,
+    ) -> Iterator[Connection | None]:
         """A short-limit transaction for the hook path, or None when the database is unusable.
         Errors are logged and swallowed: the hook answers regardless."""
         if time.monotonic() < self._skip_until:
             yield None
             return
+        stack = ExitStack()
         try:
-            with self._transaction(
-                lock_wait_ms=HOOK_LOCK_WAIT_MS, statement_timeout_ms=HOOK_STATEMENT_TIMEOUT_MS
-            ) as connection:
+            connection = stack.enter_context(
+                self._transaction(lock_wait_ms=lock_wait_ms, statement_timeout_ms=statement_timeout_ms)
+            )
+        except DATABASE_ERRORS as error:  # cannot connect or begin: yield None, do not raise
+            self._note_failure(error, where)
+            yield None
+            return
+        try:
+            with stack:
                 yield connection
         except DATABASE_ERRORS as error:
             self._note_failure(error, where)
             return
         self._note_success()
+
+    def _note_too_slow(self, where: str) -> None:
+        """The database did not answer within the hook budget: treat it as down for the back-off
+        period, so the following hooks do not each wait for it."""
+        with self._state_lock:
+            self._skip_until = time.monotonic() + self.retry_after_failure_s
+            first = not self._outage
+            self._outage = True
+        if first:
+            log.warning(
+                "database did not answer within %.1f s (%s): hooks answer without it for now",
+                HOOK_DB_BUDGET_S, where,
+            )
 
     @contextmanager
     def feedback_transaction(self) -> Iterator[Connection]:
@@ -607,8 +667,17 @@ class Store:
     def filter_findings(self, call: Any, facts: Any, findings: Sequence[Any]) -> list:
         """Apply override memory and select/sign de-duplication (see the module docstring).
         Never raises: on any problem the findings come back unfiltered."""
+        if time.monotonic() < self._skip_until:
+            return list(findings)
+        started = time.monotonic()
         try:
-            return self._filter_findings(call, list(findings))
+            # An order-select card recorded a moment ago must count for order-sign.
+            self.wait_for_recording(timeout=HOOK_DB_BUDGET_S)
+            future = self._executor().submit(self._filter_findings, call, list(findings))
+            return future.result(timeout=max(0.05, HOOK_DB_BUDGET_S - (time.monotonic() - started)))
+        except FutureTimeout:
+            self._note_too_slow("filter_findings")
+            return list(findings)
         except Exception:  # noqa: BLE001 - a bug here must not cost the clinician the cards
             log.exception("filter_findings failed; answering without the store's memories")
             return list(findings)
@@ -700,6 +769,38 @@ class Store:
         except Exception:  # noqa: BLE001
             log.exception("record_cards failed; the cards were answered but not recorded")
 
+    def record_cards_in_background(
+        self, call: Any, findings: Sequence[Any], cards: Sequence[Mapping]
+    ) -> None:
+        """Record the cards on the store's threads, after the hook has answered. Never raises.
+        A busy database (another process writing for a moment) delays the recording, it does not
+        lose the card; a database that is down loses it (logged once per outage)."""
+        try:
+            rows = self.card_rows(call, findings, cards)
+            if not rows:
+                return
+            future = self._executor().submit(self._insert_card_rows, rows)
+            with self._state_lock:
+                self._pending.add(future)
+            future.add_done_callback(self._forget)
+        except Exception:  # noqa: BLE001
+            log.exception("record_cards failed; the cards were answered but not recorded")
+
+    def _forget(self, future: Future) -> None:
+        with self._state_lock:
+            self._pending.discard(future)
+
+    def _insert_card_rows(self, rows: list) -> None:
+        try:
+            with self._hook_transaction(
+                "record_cards", lock_wait_ms=RECORD_LOCK_WAIT_MS, statement_timeout_ms=10_000
+            ) as connection:
+                if connection is None:
+                    return
+                connection.execute(self._insert_ignoring_duplicates(card_table, "card_uuid"), rows)
+        except Exception:  # noqa: BLE001
+            log.exception("record_cards failed; the cards were answered but not recorded")
+
     def _record_cards(self, call: Any, findings: Sequence[Any], cards: Sequence[Mapping]) -> None:
         rows = self.card_rows(call, findings, cards)
         if not rows:
@@ -756,6 +857,7 @@ class Store:
     def issued_cards(self, card_uuids: Iterable[str]) -> dict[str, IssuedCard]:
         """The recorded cards among `card_uuids` (raises StoreUnavailable)."""
         wanted = sorted(set(card_uuids))
+        self.wait_for_recording()
         found: dict[str, IssuedCard] = {}
         with self.feedback_transaction() as connection:
             for start in range(0, len(wanted), 500):
@@ -832,6 +934,7 @@ class Store:
         )
         if since is not None:
             query = query.where(card_table.c.issued_at >= since)
+        self.wait_for_recording()
         with self.feedback_transaction() as connection:
             # Streamed in batches: two years of cards need not fit in memory at once.
             rows = connection.execution_options(yield_per=2000).execute(query)

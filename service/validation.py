@@ -79,14 +79,33 @@ def describe_validation_error(error: ValidationError, prefix: str = "") -> tuple
         return f"{field}: required member is missing", field
     if error.validator == "dependentRequired":
         return f"{path}: {error.message}", path
-    if error.validator in ("type", "const", "enum"):
-        return f"{path}: {error.message}", path
+    if error.validator == "type":
+        return f"{path}: expected {_type_names(error.validator_value)}, got {_json_type(error.instance)}", path
+    if error.validator in ("const", "enum"):
+        return f"{path}: {_shown(error.instance)} is not an allowed value", path
     if error.validator == "pattern":
         shown = repr(error.instance)
         if len(shown) > 80:
             shown = shown[:77] + "..."
         return f"{path}: {shown} has an invalid form", path
     return f"{path}: {error.message[:200]}", path
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def _json_type(value: object) -> str:
+    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+                       (list, "array"), (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def _type_names(expected: object) -> str:
+    return " or ".join(expected) if isinstance(expected, list) else str(expected)
 
 
 def validate_or_400(instance: object, schema_name: str, prefix: str = "") -> None:

@@ -25,6 +25,12 @@ def topics(response):
     return {c["source"]["topic"]["code"] for c in response.get_json()["cards"]}
 
 
+class _WideBacklogServer(ThreadingHTTPServer):
+    # The hook opens ~9 connections at once; socketserver's default backlog of 5 makes the kernel
+    # drop some, which retry after 1 s and look like FHIR timeouts.
+    request_queue_size = 128
+
+
 class RecordingServer:
     """A FHIR-looking server that records every request it gets (to prove none was made)."""
 
@@ -52,7 +58,7 @@ class RecordingServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _WideBacklogServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_port}/fhir"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
