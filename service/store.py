@@ -501,7 +501,8 @@ class Store:
         self._inserts: dict[tuple[str, str], Any] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
-        self._pending: set[Future] = set()
+        # Pending card recordings of this process, with the patient pseudonym they concern.
+        self._pending: dict[Future, str] = {}
 
     def _executor(self) -> ThreadPoolExecutor:
         """The store's threads, per process (a gunicorn fork gets its own)."""
@@ -509,15 +510,17 @@ class Store:
             if self._pool is None or self._pool_pid != os.getpid():
                 self._pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="rpl-store")
                 self._pool_pid = os.getpid()
-                self._pending = set()
+                self._pending = {}
             return self._pool
 
-    def wait_for_recording(self, timeout: float = 5.0) -> None:
+    def wait_for_recording(self, timeout: float = 5.0, patient: str | None = None) -> None:
         """Wait (at most `timeout` seconds in all) for this process's pending card recordings:
-        feedback and the select/sign de-duplication look cards up after them."""
+        feedback and the select/sign de-duplication look cards up after them. With `patient`
+        (a pseudonym) only that patient's recordings are waited for: a hook need not wait for
+        other patients' cards."""
         deadline = time.monotonic() + timeout
         with self._state_lock:
-            pending = list(self._pending)
+            pending = [f for f, p in self._pending.items() if patient is None or p == patient]
         for future in pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -672,7 +675,9 @@ class Store:
         started = time.monotonic()
         try:
             # An order-select card recorded a moment ago must count for order-sign.
-            self.wait_for_recording(timeout=HOOK_DB_BUDGET_S)
+            self.wait_for_recording(
+                timeout=HOOK_DB_BUDGET_S, patient=self.pseudonym("patient", call.patient_id)
+            )
             future = self._executor().submit(self._filter_findings, call, list(findings))
             return future.result(timeout=max(0.05, HOOK_DB_BUDGET_S - (time.monotonic() - started)))
         except FutureTimeout:
@@ -781,14 +786,14 @@ class Store:
                 return
             future = self._executor().submit(self._insert_card_rows, rows)
             with self._state_lock:
-                self._pending.add(future)
+                self._pending[future] = rows[0]["patient_pseudonym"]
             future.add_done_callback(self._forget)
         except Exception:  # noqa: BLE001
             log.exception("record_cards failed; the cards were answered but not recorded")
 
     def _forget(self, future: Future) -> None:
         with self._state_lock:
-            self._pending.discard(future)
+            self._pending.pop(future, None)
 
     def _insert_card_rows(self, rows: list) -> None:
         try:
