@@ -90,6 +90,24 @@ class Client:
             self.conn.close()
 
 
+def _send_and_record(client: Client, path: str, make_body, result: RunResult,
+                     lock: threading.Lock) -> None:
+    """One request; its latency (200) or an error, and its status, go into `result`."""
+    body = make_body()
+    sent = time.perf_counter()
+    try:
+        status, _ = client.post(path, body)
+    except OSError:
+        status = 0
+    took = (time.perf_counter() - sent) * 1000
+    with lock:
+        result.statuses[str(status)] = result.statuses.get(str(status), 0) + 1
+        if status == 200:
+            result.latencies_ms.append(took)
+        else:
+            result.errors += 1
+
+
 def run_closed(clients: list[Client], path: str, make_body, duration_s: float, max_requests: int,
                mode: str = "closed", min_requests: int = 0) -> RunResult:
     result = RunResult(mode)
@@ -104,19 +122,7 @@ def run_closed(clients: list[Client], path: str, make_body, duration_s: float, m
                 if budget[0] <= 0:
                     return
                 budget[0] -= 1
-            body = make_body()
-            sent = time.perf_counter()
-            try:
-                status, _ = client.post(path, body)
-            except OSError:
-                status = 0
-            took = (time.perf_counter() - sent) * 1000
-            with lock:
-                result.statuses[str(status)] = result.statuses.get(str(status), 0) + 1
-                if status == 200:
-                    result.latencies_ms.append(took)
-                else:
-                    result.errors += 1
+            _send_and_record(client, path, make_body, result, lock)
 
     _run_threads(clients, worker)
     result.elapsed_s = time.perf_counter() - start
@@ -151,19 +157,7 @@ def run_paced(clients: list[Client], path: str, make_body, duration_s: float, ma
                 if budget[0] <= 0:
                     return
                 budget[0] -= 1
-            body = make_body()
-            sent = time.perf_counter()
-            try:
-                status, _ = client.post(path, body)
-            except OSError:
-                status = 0
-            took = (time.perf_counter() - sent) * 1000
-            with lock:
-                result.statuses[str(status)] = result.statuses.get(str(status), 0) + 1
-                if status == 200:
-                    result.latencies_ms.append(took)
-                else:
-                    result.errors += 1
+            _send_and_record(client, path, make_body, result, lock)
             pause = rng.expovariate(1 / mean_think_s)
             while pause > 0 and keep_going():  # wake up to stop on time
                 time.sleep(min(pause, 0.25))

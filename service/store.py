@@ -70,7 +70,7 @@ from sqlalchemy import (
 from alembic.util import CommandError
 from sqlalchemy.exc import SQLAlchemyError
 
-from .config import PREFIX, ConfigError, _parse_bool, _parse_positive_int
+from .config import PREFIX, ConfigError
 from .db import database_url, engine_for, metadata
 
 log = logging.getLogger(__name__)
@@ -380,40 +380,20 @@ def feedback_dedup_key(
 
 
 # --------------------------------------------------------------------------------------------
-# Settings (read from the app config; the environment is the fallback until config.Settings
-# carries these fields)
-
-
-def _config_value(app: Flask, name: str) -> Any:
-    key = f"RPL_{name}"
-    if app.config.get(key) is not None:
-        return app.config[key]
-    raw = os.environ.get(PREFIX + name)
-    return None if raw is None or not raw.strip() else raw.strip()
+# Settings: RPL_CDS_* are parsed once by service.config; the RPL_* app config keys (set from the
+# settings by create_app) may be overridden by tests.
 
 
 def store_options(app: Flask) -> StoreOptions:
-    values: dict = {}
-    raw = _config_value(app, "OVERRIDE_MEMORY_DAYS")
-    if raw is not None:
-        values["override_memory_days"] = (
-            _parse_positive_int("OVERRIDE_MEMORY_DAYS", raw, minimum=0)
-            if isinstance(raw, str)
-            else int(raw)
-        )
-    raw = _config_value(app, "SELECT_SIGN_DEDUP")
-    if raw is not None:
-        values["select_sign_dedup"] = (
-            _parse_bool("SELECT_SIGN_DEDUP", raw) if isinstance(raw, str) else bool(raw)
-        )
-    raw = _config_value(app, "RETENTION_DAYS")
-    if raw is not None:
-        values["retention_days"] = (
-            _parse_positive_int("RETENTION_DAYS", raw, minimum=1)
-            if isinstance(raw, str)
-            else int(raw)
-        )
-    return StoreOptions(**values)
+    settings = app.config["RPL_SETTINGS"]
+    config = app.config
+    return StoreOptions(
+        override_memory_days=int(
+            config.get("RPL_OVERRIDE_MEMORY_DAYS", settings.override_memory_days)
+        ),
+        select_sign_dedup=bool(config.get("RPL_SELECT_SIGN_DEDUP", settings.select_sign_dedup)),
+        retention_days=int(config.get("RPL_RETENTION_DAYS", settings.retention_days)),
+    )
 
 
 def pseudonym_secret(app: Flask) -> bytes:

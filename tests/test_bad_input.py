@@ -22,6 +22,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.assertions import assert_outcome
 from service.validation import validator
 from tests.hookdata import (
     SEARCH_KEYS,
@@ -100,19 +101,6 @@ def bad_app(tmp_path_factory):
 @pytest.fixture
 def bad_client(bad_app):
     return bad_app.test_client()
-
-
-def assert_outcome(response, status: int, *fragments: str) -> dict:
-    """`status`, an application/fhir+json OperationOutcome naming every fragment, and short:
-    a clear message, not an echo of whatever the client sent."""
-    assert response.status_code == status, response.get_data(as_text=True)[:2000]
-    assert response.mimetype == "application/fhir+json"
-    body = response.get_json()
-    validator("operation-outcome.schema.json").validate(body)
-    text = json.dumps(body)
-    for fragment in fragments:
-        assert fragment in text, f"{fragment!r} not in {text[:2000]}"
-    return body
 
 
 def assert_cards(response) -> list[dict]:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tests.assertions import assert_outcome
 from service import create_app
 from service.validation import validator
 from tests.hookdata import full_prefetch, hook_request, miscarriage, patient, service_request
@@ -94,16 +95,6 @@ def accepted(card: dict, when: str | None = None) -> dict:
 
 def post_feedback(client, items: list[dict], service: str = "rpl-order-select"):
     return client.post(f"/cds-services/{service}/feedback", json={"feedback": items})
-
-
-def assert_outcome(response, status: int, *fragments: str) -> dict:
-    assert response.status_code == status, response.get_data(as_text=True)
-    body = response.get_json()
-    validator("operation-outcome.schema.json").validate(body)
-    text = json.dumps(body)
-    for fragment in fragments:
-        assert fragment in text, f"{fragment!r} not in {text}"
-    return body
 
 
 # ---------------------------------------------------------------------------------------------

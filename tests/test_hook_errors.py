@@ -1,24 +1,11 @@
 """Every error a client can cause gets its 4xx with an OperationOutcome naming the problem."""
 
-import json
-
 import pytest
 
-from service.validation import validator
+from tests.assertions import assert_outcome
 from tests.hookdata import full_prefetch, hook_request, service_request
 
 URL = "/cds-services/rpl-patient-view"
-
-
-def assert_outcome(response, status, *fragments):
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.mimetype == "application/fhir+json"
-    body = response.get_json()
-    validator("operation-outcome.schema.json").validate(body)
-    text = json.dumps(body)
-    for fragment in fragments:
-        assert fragment in text, f"{fragment!r} not in {text}"
-    return body
 
 
 def test_unknown_service_is_404(client):

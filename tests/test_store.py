@@ -426,15 +426,21 @@ def test_external_database_requires_a_configured_secret(tmp_path):
 
 
 def test_bad_environment_values_name_the_variable(tmp_path, monkeypatch):
+    from service.config import settings_from_env
+
+    def app_from_env():
+        app = Flask("service", instance_path=str(tmp_path / "instance"))
+        settings = settings_from_env()
+        app.config.update(RPL_SETTINGS=settings, **settings.as_flask_config())
+        return app
+
     monkeypatch.setenv("RPL_CDS_OVERRIDE_MEMORY_DAYS", "half a year")
-    app = Flask("service", instance_path=str(tmp_path / "instance"))
-    app.config["RPL_SETTINGS"] = Settings()
     with pytest.raises(ConfigError, match="RPL_CDS_OVERRIDE_MEMORY_DAYS"):
-        store_module.store_options(app)
+        store_module.store_options(app_from_env())
     monkeypatch.setenv("RPL_CDS_OVERRIDE_MEMORY_DAYS", "90")
     monkeypatch.setenv("RPL_CDS_SELECT_SIGN_DEDUP", "off")
     monkeypatch.setenv("RPL_CDS_RETENTION_DAYS", "365")
-    assert store_module.store_options(app) == store_module.StoreOptions(90, False, 365)
+    assert store_module.store_options(app_from_env()) == store_module.StoreOptions(90, False, 365)
 
 
 def test_purge_command(tmp_path, monkeypatch, capsys):
