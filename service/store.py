@@ -38,7 +38,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
@@ -70,6 +70,7 @@ from sqlalchemy import (
 from alembic.util import CommandError
 from sqlalchemy.exc import SQLAlchemyError
 
+from .batch_writer import BatchWriter
 from .config import PREFIX, ConfigError
 from .db import database_url, engine_for, metadata
 
@@ -90,9 +91,17 @@ FEEDBACK_LOCK_WAIT_MS = 3000
 # without it. The wait itself runs on the store's own threads, so a database that stops answering
 # (a silent network) holds those threads, never the request threads.
 HOOK_DB_BUDGET_S = 0.5
-# Cards are recorded after the answer, on the store's threads: they may wait for a busy database
-# as long as feedback does, and a lock held for a moment by another process loses no card.
+# Cards are recorded after the answer by one writer thread per process: they may wait for a busy
+# database as long as feedback does, and a lock held for a moment by another process loses no card.
 RECORD_LOCK_WAIT_MS = FEEDBACK_LOCK_WAIT_MS
+# The writer collects the cards of many hooks into one transaction: at most this many rows, and
+# a row waits at most this long. One commit per hook (an fsync, and SQLite's single write lock
+# shared by every worker) halved the service's throughput; batches cost one commit per window.
+RECORD_BATCH_MAX_ROWS = 500
+RECORD_BATCH_DELAY_S = 0.05
+# Feedback may name a card that another worker has not written yet (its batch is still open):
+# the feedback endpoint looks again once after this pause before calling the card unknown.
+UNKNOWN_CARD_RECHECK_S = 4 * RECORD_BATCH_DELAY_S
 STORE_THREADS = 2
 # After a database failure on the hook path, hooks skip the database this long (seconds) so an
 # outage does not add a connection timeout to every hook call. Feedback always tries.
@@ -481,34 +490,27 @@ class Store:
         self._inserts: dict[tuple[str, str], Any] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
-        # Pending card recordings of this process, with the patient pseudonym they concern.
-        self._pending: dict[Future, str] = {}
+        # Cards issued by this process, written in batches after the hooks have answered.
+        self.card_writer = BatchWriter(
+            self._insert_card_rows,
+            max_rows=RECORD_BATCH_MAX_ROWS,
+            max_delay_s=RECORD_BATCH_DELAY_S,
+            name="rpl-card-writer",
+        )
 
     def _executor(self) -> ThreadPoolExecutor:
-        """The store's threads, per process (a gunicorn fork gets its own)."""
+        """The store's threads for hook-path reads from a network database, per process (a
+        gunicorn fork gets its own)."""
         with self._state_lock:
             if self._pool is None or self._pool_pid != os.getpid():
                 self._pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="rpl-store")
                 self._pool_pid = os.getpid()
-                self._pending = {}
             return self._pool
 
-    def wait_for_recording(self, timeout: float = 5.0, patient: str | None = None) -> None:
-        """Wait (at most `timeout` seconds in all) for this process's pending card recordings:
-        feedback and the select/sign de-duplication look cards up after them. With `patient`
-        (a pseudonym) only that patient's recordings are waited for: a hook need not wait for
-        other patients' cards."""
-        deadline = time.monotonic() + timeout
-        with self._state_lock:
-            pending = [f for f, p in self._pending.items() if patient is None or p == patient]
-        for future in pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            try:
-                future.result(timeout=remaining)
-            except Exception:  # noqa: BLE001 - a timeout, or an error logged where it happened
-                pass
+    def wait_for_recording(self, timeout: float = 5.0) -> None:
+        """Write this process's queued cards now (at most `timeout` seconds): feedback and
+        analytics look cards up after them."""
+        self.card_writer.flush(timeout)
 
     # -- infrastructure ------------------------------------------------------------------------
 
@@ -652,14 +654,15 @@ class Store:
         Never raises: on any problem the findings come back unfiltered."""
         if time.monotonic() < self._skip_until:
             return list(findings)
-        started = time.monotonic()
         try:
-            # An order-select card recorded a moment ago must count for order-sign.
-            self.wait_for_recording(
-                timeout=HOOK_DB_BUDGET_S, patient=self.pseudonym("patient", call.patient_id)
-            )
+            if self.dialect == "sqlite":
+                # A local file: a read in WAL mode never waits for writers, and lock waits are
+                # bounded by busy_timeout. Asking another thread would only add a GIL hand-off.
+                return self._filter_findings(call, list(findings))
+            # A network database can stop answering without closing the connection: the query
+            # runs on the store's threads so that it holds those, never the request thread.
             future = self._executor().submit(self._filter_findings, call, list(findings))
-            return future.result(timeout=max(0.05, HOOK_DB_BUDGET_S - (time.monotonic() - started)))
+            return future.result(timeout=HOOK_DB_BUDGET_S)
         except FutureTimeout:
             self._note_too_slow("filter_findings")
             return list(findings)
@@ -738,14 +741,31 @@ class Store:
         now: datetime,
     ) -> set[tuple[str, str, str]]:
         query = _SHOWN_AT_SELECT_NO_ENCOUNTER if encounter is None else _SHOWN_AT_SELECT
+        since = now - SELECT_SIGN_WINDOW
         parameters = {
             "patient": patient,
             "encounter": encounter,
             "codes": sorted(codes),
-            "since": now - SELECT_SIGN_WINDOW,
+            "since": since,
             "now": now,
         }
-        return {tuple(row) for row in connection.execute(query, parameters)}
+        shown = {tuple(row) for row in connection.execute(query, parameters)}
+
+        # Cards of this process still waiting for their batch count as recorded.
+        def shown_at_select(row: dict) -> bool:
+            return (
+                row["patient_pseudonym"] == patient
+                and row["hook"] == "order-select"
+                and row["encounter_pseudonym"] == encounter
+                and row["order_code"] in codes
+                and since <= row["issued_at"] <= now
+            )
+
+        shown.update(
+            (row["rule_id"], row["order_code"], row["order_hash"])
+            for row in self.card_writer.unwritten(shown_at_select)
+        )
+        return shown
 
     def record_cards(self, call: Any, findings: Sequence[Any], cards: Sequence[Mapping]) -> None:
         """Record each issued card. Never raises: a card that cannot be recorded is still shown."""
@@ -757,23 +777,14 @@ class Store:
     def record_cards_in_background(
         self, call: Any, findings: Sequence[Any], cards: Sequence[Mapping]
     ) -> None:
-        """Record the cards on the store's threads, after the hook has answered. Never raises.
-        A busy database (another process writing for a moment) delays the recording, it does not
-        lose the card; a database that is down loses it (logged once per outage)."""
+        """Queue the cards for the card writer (service/batch_writer.py), which records them
+        after the hook has answered, many hooks per transaction. Never raises. A busy database
+        (another process writing for a moment) delays the recording, it does not lose the card;
+        a database that is down loses it (logged once per outage)."""
         try:
-            rows = self.card_rows(call, findings, cards)
-            if not rows:
-                return
-            future = self._executor().submit(self._insert_card_rows, rows)
-            with self._state_lock:
-                self._pending[future] = rows[0]["patient_pseudonym"]
-            future.add_done_callback(self._forget)
+            self.card_writer.add(self.card_rows(call, findings, cards))
         except Exception:  # noqa: BLE001
             log.exception("record_cards failed; the cards were answered but not recorded")
-
-    def _forget(self, future: Future) -> None:
-        with self._state_lock:
-            self._pending.pop(future, None)
 
     def _insert_card_rows(self, rows: list) -> None:
         try:
@@ -843,6 +854,14 @@ class Store:
         """The recorded cards among `card_uuids` (raises StoreUnavailable)."""
         wanted = sorted(set(card_uuids))
         self.wait_for_recording()
+        found = self._issued_cards(wanted)
+        if len(found) < len(wanted):
+            # Another worker may still hold the card in its open batch: look once more.
+            time.sleep(UNKNOWN_CARD_RECHECK_S)
+            found.update(self._issued_cards([u for u in wanted if u not in found]))
+        return found
+
+    def _issued_cards(self, wanted: list[str]) -> dict[str, IssuedCard]:
         found: dict[str, IssuedCard] = {}
         with self.feedback_transaction() as connection:
             for start in range(0, len(wanted), 500):

@@ -151,6 +151,8 @@ def test_feedback_flow_end_to_end(settings, backend_url, monkeypatch, capsys):
     monkeypatch.setenv("RPL_CDS_PSEUDONYM_SECRET", settings.pseudonym_secret)
     from service.cli import main
 
+    # The report is another process: it sees what the hooks' card writer has committed.
+    store.wait_for_recording()
     assert main(["report", "--format", "json"]) == 0
     report = json.loads(capsys.readouterr().out)
     (rule,) = [r for r in report["rules"] if r["ruleId"] == "not-recommended-test"]
@@ -188,6 +190,27 @@ def test_select_then_sign_shows_the_warning_once(settings, backend_url):
     # Another encounter, or another patient: shown.
     assert len(warnings(call_hook(client, "order-sign", "p1", encounter="enc-9"))) == 1
     assert len(warnings(call_hook(client, "order-sign", "p3", encounter="enc-1"))) == 1
+
+
+@pytest.mark.parametrize("select_card", ["still queued", "written"])
+def test_sign_right_after_select_is_deduplicated_whether_or_not_the_card_is_written(
+    settings, backend_url, select_card
+):
+    app = store_app(settings, backend_url)
+    store = app.extensions["rpl_store"]
+    client = app.test_client()
+    if select_card == "still queued":
+        store.card_writer.max_delay_s = 60  # the batch stays open for the whole test
+    assert len(warnings(call_hook(client, "order-select", "p1", encounter="enc-1"))) == 1
+    if select_card == "written":
+        store.wait_for_recording()
+        assert count_rows(backend_url, "rpl_card") >= 1
+    else:
+        assert store.card_writer.pending >= 1 and count_rows(backend_url, "rpl_card") == 0
+    assert warnings(call_hook(client, "order-sign", "p1", encounter="enc-1")) == []
+    assert len(warnings(call_hook(client, "order-sign", "p1", encounter="enc-2"))) == 1
+    store.card_writer.max_delay_s = 0.05
+    store.wait_for_recording()
 
 
 def test_select_sign_deduplication_can_be_switched_off(settings, tmp_path):
