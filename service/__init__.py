@@ -87,5 +87,9 @@ def _init_optional_parts(app: Flask) -> None:
 def _configure_logging(level: str) -> None:
     root = logging.getLogger()
     if not root.handlers:
-        logging.basicConfig(level=level, format="%(message)s")
+        # Written by a background thread (service/log_queue.py), not by the request threads.
+        from .log_queue import background_stderr_handler
+
+        root.setLevel(level)
+        root.addHandler(background_stderr_handler())
     logging.getLogger("rpl_cds").setLevel(level)

@@ -75,11 +75,15 @@ class BatchWriter:
         self._checked_pid()
         with self._cond:
             self._ensure_thread()
-            if not self._queue:
+            was_empty = not self._queue
+            if was_empty:
                 self._first_queued_at = time.monotonic()
             self._queue.extend(rows)
             self._queued_total += len(rows)
-            self._cond.notify_all()
+            # Wake the writer only when it must act: a first row starts its timer, a full batch
+            # is due now. Waking it on every row only made threads fight for the GIL.
+            if was_empty or len(self._queue) >= self.max_rows:
+                self._cond.notify_all()
 
     def unwritten(self, keep: Callable[[dict], bool]) -> list[dict]:
         """The rows of this process that are queued or being written and satisfy `keep`."""

@@ -582,7 +582,12 @@ class Store:
         engine = self._ready_engine()
         with engine.begin() as connection:
             if self.dialect == "sqlite":
-                connection.exec_driver_sql(f"PRAGMA busy_timeout={int(lock_wait_ms)}")
+                # Set per connection, and only when it changes: a statement per transaction
+                # cost as much as the hook's queries (and a GIL hand-off in the driver).
+                info = connection.connection.info
+                if info.get("busy_timeout_ms") != lock_wait_ms:
+                    connection.exec_driver_sql(f"PRAGMA busy_timeout={int(lock_wait_ms)}")
+                    info["busy_timeout_ms"] = lock_wait_ms
             else:
                 # Transaction-local settings. synchronous_commit=on: an acknowledged commit is on
                 # disk whatever the server default is (feedback is acknowledged after commit).
