@@ -468,3 +468,32 @@ def test_the_token_and_the_url_never_reach_errors_or_logs(caplog, session):
     for text in [logged, *(o.error for o in outcomes.values())]:
         assert TOKEN not in text
         assert patient_id not in text
+
+
+def test_a_cookie_set_by_a_fhir_server_is_never_sent_back(session):
+    def set_cookie(request):
+        request.send_bytes(200, b'{"resourceType": "Patient", "id": "p1"}',
+                           headers={"Set-Cookie": "SESSION=from-the-ehr; Path=/"})
+
+    with ScriptedServer(set_cookie) as server:
+        for _ in range(2):
+            assert fetch_queries(server.base_url, {"patient": "Patient/p1"}, access_token=None,
+                                 deadline=soon(), session=session)["patient"].ok
+    assert all("Cookie" not in request.headers and "cookie" not in request.headers
+               for request in server.requests)
+
+
+def test_an_http_proxy_from_the_environment_is_used_unless_no_proxy_names_the_host(monkeypatch):
+    """Hospitals often reach FHIR servers through an outbound proxy (HTTP_PROXY / NO_PROXY)."""
+    with ScriptedServer(lambda r: r.send_json(200, {"resourceType": "Patient", "id": "p1"})) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.origin)
+        monkeypatch.setenv("NO_PROXY", "direct.invalid")
+        with fhir_client.new_session() as via_proxy:
+            outcome = fetch_queries("http://fhir.example.invalid/fhir", {"patient": "Patient/p1"},
+                                    access_token=TOKEN, deadline=soon(), session=via_proxy)["patient"]
+            bypassed = fetch_queries("http://direct.invalid/fhir", {"patient": "Patient/p1"},
+                                     access_token=None, deadline=soon(), session=via_proxy)["patient"]
+    assert outcome.ok, outcome.error
+    (request,) = proxy.requests
+    assert request.path == "http://fhir.example.invalid/fhir/Patient/p1"  # absolute form: a proxy request
+    assert not bypassed.ok and bypassed.error == "could not connect to the FHIR server"
