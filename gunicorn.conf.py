@@ -58,3 +58,7 @@ def pre_fork(server, worker):
 
 def post_fork(server, worker):
     gc.set_threshold(50_000, 20, 20)
+    # Large request bodies in mmap, two malloc arenas: see service/malloc_tuning.py.
+    from service.malloc_tuning import tune_worker_malloc
+
+    tune_worker_malloc()

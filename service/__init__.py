@@ -59,6 +59,10 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(hooks.bp)
     _init_optional_parts(app)
 
+    if settings.large_bodies_at_once > 0:
+        from .large_bodies import LargeBodyGate
+
+        app.wsgi_app = LargeBodyGate(app.wsgi_app, settings.large_bodies_at_once)  # type: ignore[method-assign]
     if settings.auth == "disabled":
         log.warning(AUTH_DISABLED_WARNING)
     return app

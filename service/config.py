@@ -76,6 +76,7 @@ class Settings:
     public_url: str | None = None  # external base URL (behind proxies), e.g. https://cds.example.org
     deadline_ms: int = 2000
     max_body_bytes: int = 5 * 1024 * 1024
+    large_bodies_at_once: int = 1  # per worker process; 0 = no limit (service/large_bodies.py)
     max_fhir_pages: int = 20
     timezone: str = "Europe/Amsterdam"
     trusted_clients_file: str | None = None
@@ -119,6 +120,8 @@ def settings_from_env(environ: Mapping[str, str] | None = None) -> Settings:
         values["deadline_ms"] = _parse_positive_int("DEADLINE_MS", raw, minimum=50)
     if (raw := get("MAX_BODY_BYTES")) is not None:
         values["max_body_bytes"] = _parse_positive_int("MAX_BODY_BYTES", raw, minimum=1024)
+    if (raw := get("LARGE_BODIES_AT_ONCE")) is not None:
+        values["large_bodies_at_once"] = _parse_positive_int("LARGE_BODIES_AT_ONCE", raw, minimum=0)
     if (raw := get("MAX_FHIR_PAGES")) is not None:
         values["max_fhir_pages"] = _parse_positive_int("MAX_FHIR_PAGES", raw)
     if (raw := get("TIMEZONE")) is not None:

@@ -24,9 +24,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-import orjson
 import urllib3
 import urllib3.exceptions
+
+from .json_codec import DecodeError, decode_json
 
 logger = logging.getLogger(__name__)
 
@@ -376,8 +377,8 @@ class _Client:
             timeout = "timeout" in type(error).__name__.lower()
             raise _FetchError("timed out" if timeout else "the response was cut off", status) from None
         try:
-            return orjson.loads(body)
-        except orjson.JSONDecodeError:
+            return decode_json(body)
+        except DecodeError:
             raise _FetchError("the response is not JSON", status) from None
 
 

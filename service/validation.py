@@ -11,7 +11,6 @@ import json
 from functools import cache
 from importlib import resources
 
-import orjson
 from flask import Request
 from werkzeug.exceptions import RequestEntityTooLarge
 from jsonschema import Draft202012Validator
@@ -19,6 +18,7 @@ from jsonschema.exceptions import ValidationError
 from referencing import Registry, Resource
 
 from .errors import ApiError
+from .json_codec import DecodeError, decode_json
 
 SCHEMA_PACKAGE = "service.schemas"
 CONTEXT_SCHEMA_BY_HOOK = {
@@ -127,15 +127,37 @@ def _stream_has_more(request: Request) -> bool:
         return True
 
 
+def _read_body(request: Request, at_most: int) -> bytes:
+    """Up to `at_most` bytes of the body, in chunks (a chunked body of unknown length must not
+    cost a buffer of the full limit either)."""
+    if at_most <= _READ_CHUNK_BYTES or request.content_length is not None:
+        return request.stream.read(at_most)
+    chunks: list[bytes] = []
+    remaining = at_most
+    while remaining > 0:
+        chunk = request.stream.read(min(remaining, _READ_CHUNK_BYTES))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+_READ_CHUNK_BYTES = 1024 * 1024
+
+
 def parse_json_body(request: Request, max_bytes: int) -> object:
     """Read and parse a JSON body: 415 for other media types, 413 over the limit, 400 if invalid."""
     mimetype = (request.mimetype or "").lower()
     if mimetype not in JSON_MEDIA_TYPES:
         shown = mimetype or "none"
         raise ApiError(415, f"Content-Type must be application/json (got {shown}).")
-    if request.content_length is not None and request.content_length > max_bytes:
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
         raise ApiError(413, f"Request body is larger than the limit of {max_bytes} bytes.")
-    raw = request.stream.read(max_bytes + 1)
+    # Read what was declared, not the limit: read(n) allocates an n-byte buffer first, and a
+    # 16 MiB buffer per hook call showed up in the workers' memory (bench/README.md).
+    raw = _read_body(request, declared if declared is not None else max_bytes + 1)
     if len(raw) >= max_bytes and (len(raw) > max_bytes or _stream_has_more(request)):
         # A chunked body has no Content-Length: Werkzeug's limited stream stops at the limit
         # and only says so when read past it.
@@ -143,6 +165,6 @@ def parse_json_body(request: Request, max_bytes: int) -> object:
     if not raw.strip():
         raise ApiError(400, "Request body is empty; a JSON object is required.")
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as error:
+        return decode_json(raw)
+    except DecodeError as error:
         raise ApiError(400, f"Request body is not valid JSON: {error}") from None

@@ -1,0 +1,106 @@
+"""One large hook at a time per worker (service/large_bodies.py): memory stays bounded, small
+hooks never wait, and a request that cannot get a turn gets a 503 OperationOutcome."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from service.large_bodies import LARGE_BODY_BYTES, LargeBodyGate
+
+
+class SlowApp:
+    """A WSGI app that takes 0.2 s and records how many requests it held at once."""
+
+    def __init__(self):
+        self.active = 0
+        self.most_at_once = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        with self.lock:
+            self.active += 1
+            self.most_at_once = max(self.most_at_once, self.active)
+        time.sleep(0.2)
+        with self.lock:
+            self.active -= 1
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b"{}"]
+
+
+def call(gate, length: int | None, results: list, chunked: bool = False):
+    environ = {"CONTENT_LENGTH": "" if length is None else str(length)}
+    if chunked:
+        environ["HTTP_TRANSFER_ENCODING"] = "chunked"
+    status = []
+    body = b"".join(gate(environ, lambda s, h: status.append(s)))
+    results.append((status[0], body))
+
+
+def run_at_once(gate, lengths, chunked=False):
+    results: list = []
+    threads = [threading.Thread(target=call, args=(gate, n, results, chunked)) for n in lengths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_large_bodies_take_turns_and_small_ones_do_not_wait():
+    app = SlowApp()
+    run_at_once(LargeBodyGate(app, at_once=1), [LARGE_BODY_BYTES + 1] * 3)
+    assert app.most_at_once == 1
+    app = SlowApp()
+    run_at_once(LargeBodyGate(app, at_once=1), [LARGE_BODY_BYTES] * 3)  # not over the threshold
+    assert app.most_at_once == 3
+
+
+def test_a_chunked_body_of_unknown_length_counts_as_large():
+    app = SlowApp()
+    run_at_once(LargeBodyGate(app, at_once=1), [None] * 2, chunked=True)
+    assert app.most_at_once == 1
+
+
+def test_a_request_that_gets_no_turn_in_time_is_answered_503_with_an_outcome():
+    gate = LargeBodyGate(SlowApp(), at_once=1, wait_limit_s=0.05)
+    results = run_at_once(gate, [LARGE_BODY_BYTES + 1] * 2)
+    statuses = sorted(status for status, _ in results)
+    assert statuses == ["200 OK", "503 Service Unavailable"]
+    body = json.loads(next(b for s, b in results if s.startswith("503")))
+    assert body["resourceType"] == "OperationOutcome" and "busy" in body["issue"][0]["diagnostics"]
+
+
+def test_the_service_answers_a_large_hook_through_the_gate(client):
+    from tests.hookdata import full_prefetch, hook_request
+
+    body = hook_request("patient-view", prefetch=full_prefetch([]))
+    body["extension"] = {"padding": "x" * (LARGE_BODY_BYTES + 10)}
+    response = client.post("/cds-services/rpl-patient-view", json=body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert "cards" in response.get_json()
+
+
+def test_worker_malloc_settings_apply_on_glibc():
+    import platform
+
+    from service.malloc_tuning import tune_worker_malloc
+
+    if platform.libc_ver()[0] != "glibc":
+        import pytest
+
+        pytest.skip("glibc only")
+    assert tune_worker_malloc() is True
+
+
+def test_freed_memory_is_handed_back_after_a_large_hook_only(monkeypatch):
+    import service.large_bodies as large_bodies
+
+    trims = []
+    monkeypatch.setattr(large_bodies, "give_back_free_memory", lambda: trims.append(1))
+    gate = LargeBodyGate(SlowApp(), at_once=1)
+    run_at_once(gate, [100])
+    assert trims == []
+    run_at_once(gate, [LARGE_BODY_BYTES + 1])
+    assert trims == [1]
