@@ -96,10 +96,4 @@ def _configure_logging(level: str) -> None:
 
         root.setLevel(level)
         root.addHandler(background_stderr_handler())
-        # The lines are "%(message)s" only: do not collect the caller's file and line, thread
-        # and process for every record (the logging HOWTO's "Optimization" section).
-        logging._srcfile = None  # type: ignore[attr-defined]
-        logging.logThreads = False
-        logging.logProcesses = False
-        logging.logMultiprocessing = False
     logging.getLogger("rpl_cds").setLevel(level)

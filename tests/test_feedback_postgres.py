@@ -107,7 +107,7 @@ def test_gunicorn_start_up_migrates_postgres_once_with_preload(tmp_path):
             stop(proc)
         output = proc.log_path.read_text()
         assert output.count("database schema upgraded") == 1, output
-        assert "Traceback" not in output
+        assert "Traceback" not in output, output
         assert count_rows(url, "alembic_version") == 1
 
 
