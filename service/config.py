@@ -75,7 +75,8 @@ class Settings:
     language: str = "nl"
     public_url: str | None = None  # external base URL (behind proxies), e.g. https://cds.example.org
     deadline_ms: int = 2000
-    max_body_bytes: int = 5 * 1024 * 1024
+    # A 10,000-resource prefetch is about 7 MB; memory stays bounded (service/large_bodies.py).
+    max_body_bytes: int = 16 * 1024 * 1024
     large_bodies_at_once: int = 1  # per worker process; 0 = no limit (service/large_bodies.py)
     max_fhir_pages: int = 20
     timezone: str = "Europe/Amsterdam"
