@@ -15,7 +15,8 @@ What it does for the hooks (service/hooks.py calls it when the extension exists)
     and an info card would bring back the fatigue the de-duplication removes. PDDI's caution
     (a resident selects, an attending signs and never sees the warning) is why it can be
     switched off: RPL_CDS_SELECT_SIGN_DEDUP=false.
-- `record_cards` writes one row per issued card, so feedback can be checked and counted.
+- `record_cards_in_background` writes one row per issued card, so feedback can be checked and
+  counted: after the hook has answered, many hooks' cards per transaction (service/batch_writer.py).
 
 Privacy: patient, encounter and order references are stored only as keyed pseudonyms
 (HMAC-SHA256 with the pseudonym secret); no tokens, no names, no free text (the clinician's
