@@ -145,13 +145,7 @@ def _string_checks(schema: dict) -> list[Check]:
         # re.search, as jsonschema does (an unanchored pattern matches anywhere).
         search = re.compile(schema["pattern"]).search
         checks.append(lambda v: not isinstance(v, str) or search(v) is not None)
-    if "minLength" in schema:
-        shortest = _count(schema["minLength"])
-        checks.append(lambda v: not isinstance(v, str) or len(v) >= shortest)
-    if "maxLength" in schema:
-        longest = _count(schema["maxLength"])
-        checks.append(lambda v: not isinstance(v, str) or len(v) <= longest)
-    return checks
+    return checks + _size_checks(schema, "minLength", "maxLength", str)
 
 
 def _number_checks(schema: dict) -> list[Check]:
@@ -170,16 +164,22 @@ def _number_checks(schema: dict) -> list[Check]:
 
 
 def _array_checks(schema: dict) -> list[Check]:
-    checks: list[Check] = []
-    if "minItems" in schema:
-        fewest = _count(schema["minItems"])
-        checks.append(lambda v: not isinstance(v, list) or len(v) >= fewest)
-    if "maxItems" in schema:
-        most = _count(schema["maxItems"])
-        checks.append(lambda v: not isinstance(v, list) or len(v) <= most)
+    checks = _size_checks(schema, "minItems", "maxItems", list)
     if "items" in schema:
         item = compile_schema(schema["items"])
         checks.append(lambda v: not isinstance(v, list) or all(item(x) for x in v))
+    return checks
+
+
+def _size_checks(schema: dict, fewest_key: str, most_key: str, kind: type) -> list[Check]:
+    """minLength/maxLength (strings, in code points as len() counts) or minItems/maxItems."""
+    checks: list[Check] = []
+    if fewest_key in schema:
+        fewest = _count(schema[fewest_key])
+        checks.append(lambda v: not isinstance(v, kind) or len(v) >= fewest)
+    if most_key in schema:
+        most = _count(schema[most_key])
+        checks.append(lambda v: not isinstance(v, kind) or len(v) <= most)
     return checks
 
 
