@@ -6,8 +6,10 @@ worker queue for the database's single write lock: the service's throughput halv
 rows of many hooks share one transaction: a batch is written when it holds `max_rows` rows or
 its first row has waited `max_delay_s`, whichever comes first.
 
-Rows stay visible to the process until they are committed (`unwritten`), so a later hook of the
-same process can take them into account without waiting (select/sign de-duplication). `flush`
+Rows stay visible to the process until they are committed (`unwritten`, by the key the `index`
+function gives a row), so a later hook of the same process can take them into account without
+waiting (select/sign de-duplication). The lookup is by key, not a scan: under load the queue
+holds hundreds of rows, and scanning it on every hook cost more than the database reads. `flush`
 writes everything queued so far at once (the feedback endpoint and analytics call it before they
 read cards); at interpreter exit (a gunicorn worker's graceful stop) the queue is flushed too.
 
@@ -22,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,10 @@ class BatchWriter:
         max_rows: int,
         max_delay_s: float,
         name: str = "rpl-batch-writer",
+        index: Callable[[dict], Hashable | None] = lambda _row: None,
     ) -> None:
         self._write = write
+        self._index = index
         self.max_rows = max_rows
         self.max_delay_s = max_delay_s
         self._name = name
@@ -49,6 +53,7 @@ class BatchWriter:
         self._cond = threading.Condition()
         self._queue: list[dict] = []  # rows not yet taken by the writer thread
         self._in_flight: list[dict] = []  # rows being written now
+        self._unwritten: dict[Hashable, list[dict]] = {}  # index key -> queued or in-flight rows
         self._queued_total = 0  # rows ever queued in this process
         self._done_total = 0  # rows written or given up
         self._urgent = False
@@ -80,16 +85,20 @@ class BatchWriter:
                 self._first_queued_at = time.monotonic()
             self._queue.extend(rows)
             self._queued_total += len(rows)
+            for row in rows:
+                key = self._index(row)
+                if key is not None:
+                    self._unwritten.setdefault(key, []).append(row)
             # Wake the writer only when it must act: a first row starts its timer, a full batch
             # is due now. Waking it on every row only made threads fight for the GIL.
             if was_empty or len(self._queue) >= self.max_rows:
                 self._cond.notify_all()
 
-    def unwritten(self, keep: Callable[[dict], bool]) -> list[dict]:
-        """The rows of this process that are queued or being written and satisfy `keep`."""
+    def unwritten(self, key: Hashable) -> list[dict]:
+        """The rows of this process with this index key that are queued or being written."""
         self._checked_pid()
         with self._cond:
-            return [row for row in (*self._in_flight, *self._queue) if keep(row)]
+            return list(self._unwritten.get(key, ()))
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Write everything queued so far now; wait at most `timeout` seconds. True when done."""
@@ -146,7 +155,18 @@ class BatchWriter:
             with self._cond:
                 self._in_flight = []
                 self._done_total += len(batch)
+                self._forget(batch)
                 self._cond.notify_all()
+
+    def _forget(self, batch: list[dict]) -> None:
+        """Drop written (or given-up) rows from the index (lock held)."""
+        done = {id(row) for row in batch}
+        for key in {self._index(row) for row in batch} - {None}:
+            left = [row for row in self._unwritten.get(key, ()) if id(row) not in done]
+            if left:
+                self._unwritten[key] = left
+            else:
+                self._unwritten.pop(key, None)
 
     def _flush_at_exit(self) -> None:
         if self._pid != os.getpid():

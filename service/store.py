@@ -248,10 +248,18 @@ SELECT rule_id, order_code, order_hash, encounter_pseudonym FROM rpl_card
 WHERE patient_pseudonym = ? AND hook = 'order-select' AND issued_at >= ? AND issued_at <= ?
 """
 _CARD_COLUMNS = tuple(column.name for column in card_table.columns if column.name != "id")
-_SQLITE_INSERT_CARD_SQL = (
-    f"INSERT INTO rpl_card ({', '.join(_CARD_COLUMNS)}) VALUES ({', '.join('?' for _ in _CARD_COLUMNS)})"
-    " ON CONFLICT (card_uuid) DO NOTHING"
-)
+# One multi-row INSERT per chunk, not executemany: the driver releases the GIL around every row
+# of an executemany, and a writer thread that has to win the GIL back from busy request threads
+# after each row (up to the 5 ms switch interval each time) fell seconds behind under load.
+_SQLITE_INSERT_CHUNK_ROWS = 200  # 200 x 14 parameters, far below SQLite's 32,766
+
+
+def _sqlite_insert_cards_sql(rows: int) -> str:
+    one = f"({', '.join('?' for _ in _CARD_COLUMNS)})"
+    return (
+        f"INSERT INTO rpl_card ({', '.join(_CARD_COLUMNS)}) VALUES {', '.join([one] * rows)}"
+        " ON CONFLICT (card_uuid) DO NOTHING"
+    )
 SQLITE_ERRORS = (sqlite3.Error, *DATABASE_ERRORS)
 
 
@@ -545,6 +553,8 @@ class Store:
             max_rows=RECORD_BATCH_MAX_ROWS,
             max_delay_s=RECORD_BATCH_DELAY_S,
             name="rpl-card-writer",
+            # Queued order-select cards, by patient: order-sign de-duplication looks them up.
+            index=lambda row: row["patient_pseudonym"] if row["hook"] == "order-select" else None,
         )
 
     def _executor(self) -> ThreadPoolExecutor:
@@ -863,18 +873,12 @@ class Store:
     ) -> set[tuple[str, str, str]]:
         """Order-select cards of this process still waiting for their batch count as recorded."""
 
-        def shown_at_select(row: dict) -> bool:
-            return (
-                row["patient_pseudonym"] == patient
-                and row["hook"] == "order-select"
-                and row["encounter_pseudonym"] == encounter
-                and row["order_code"] in codes
-                and since <= row["issued_at"] <= now
-            )
-
         return {
             (row["rule_id"], row["order_code"], row["order_hash"])
-            for row in self.card_writer.unwritten(shown_at_select)
+            for row in self.card_writer.unwritten(patient)
+            if row["encounter_pseudonym"] == encounter
+            and row["order_code"] in codes
+            and since <= row["issued_at"] <= now
         }
 
     def record_cards(self, call: Any, findings: Sequence[Any], cards: Sequence[Mapping]) -> None:
@@ -914,7 +918,9 @@ class Store:
         """One transaction for all rows; a card already recorded is skipped. Never raises."""
         if time.monotonic() < self._skip_until:
             return
-        values = [tuple(_sqlite_card_value(row, column) for column in _CARD_COLUMNS) for row in rows]
+        values = [_sqlite_card_value(row, column) for row in rows for column in _CARD_COLUMNS]
+        width = len(_CARD_COLUMNS)
+        chunk = _SQLITE_INSERT_CHUNK_ROWS * width
         try:
             raw = self._ready_engine().raw_connection()
         except DATABASE_ERRORS as error:
@@ -924,7 +930,9 @@ class Store:
             _set_busy_timeout(raw, lock_wait_ms)
             driver = raw.driver_connection
             try:
-                driver.executemany(_SQLITE_INSERT_CARD_SQL, values)
+                for start in range(0, len(values), chunk):
+                    part = values[start : start + chunk]
+                    driver.execute(_sqlite_insert_cards_sql(len(part) // width), part)
                 driver.commit()
             except BaseException:
                 driver.rollback()

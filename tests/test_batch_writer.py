@@ -56,12 +56,13 @@ def test_a_full_batch_is_written_without_waiting_for_the_delay():
 
 def test_flush_writes_everything_queued_now_and_unwritten_rows_are_visible_until_then():
     sink = RecordingSink()
-    writer = BatchWriter(sink, max_rows=100, max_delay_s=60)
-    writer.add([{"patient": "a"}, {"patient": "b"}])
-    assert writer.unwritten(lambda row: row["patient"] == "a") == [{"patient": "a"}]
+    writer = BatchWriter(sink, max_rows=100, max_delay_s=60, index=lambda row: row["patient"])
+    writer.add([{"patient": "a"}, {"patient": "b"}, {"patient": "a", "n": 2}])
+    assert writer.unwritten("a") == [{"patient": "a"}, {"patient": "a", "n": 2}]
+    assert writer.unwritten("c") == []
     assert writer.flush(timeout=5)
-    assert sink.rows == [{"patient": "a"}, {"patient": "b"}]
-    assert writer.unwritten(lambda row: True) == []
+    assert sink.rows == [{"patient": "a"}, {"patient": "b"}, {"patient": "a", "n": 2}]
+    assert writer.unwritten("a") == [] and writer.unwritten("b") == []
     assert writer.pending == 0
 
 

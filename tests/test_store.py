@@ -479,3 +479,17 @@ def test_a_database_from_a_newer_release_disables_the_store_not_the_service(tmp_
     with pytest.raises(store_module.StoreUnavailable):
         store.issued_cards(["x"])
     assert "9999" in caplog.text
+
+
+def test_a_large_batch_of_cards_is_written_in_full_and_duplicates_are_skipped(tmp_path, backend_url):
+    """The card writer's batches span several multi-row INSERTs (service/store.py); a card
+    already recorded (a client resending the same hook answer) is skipped, not an error."""
+    store = bare_store(tmp_path, backend_url)
+    findings = [warning(draft_order(f"order-{n}")) for n in range(450)]
+    cards = [card_for(finding) for finding in findings]
+    for finding, card in zip(findings, cards):
+        store.record_cards_in_background(hook_call("order-select"), [finding], [card])
+    store.record_cards_in_background(hook_call("order-select"), [findings[0]], [cards[0]])
+    store.wait_for_recording()
+    assert count_rows(backend_url, "rpl_card") == 450
+    assert set(store.issued_cards(card["uuid"] for card in cards[:3])) == {c["uuid"] for c in cards[:3]}
