@@ -251,7 +251,9 @@ _CARD_COLUMNS = tuple(column.name for column in card_table.columns if column.nam
 # One multi-row INSERT per chunk, not executemany: the driver releases the GIL around every row
 # of an executemany, and a writer thread that has to win the GIL back from busy request threads
 # after each row (up to the 5 ms switch interval each time) fell seconds behind under load.
-_SQLITE_INSERT_CHUNK_ROWS = 200  # 200 x 14 parameters, far below SQLite's 32,766
+# Chunks of a few fixed sizes only: the driver keeps each distinct statement compiled in its cache,
+# and a statement per batch size (1 to 500 rows) held tens of megabytes per worker.
+_SQLITE_INSERT_CHUNK_ROWS = (64, 8, 1)  # 64 x 14 parameters, far below SQLite's 32,766
 
 
 def _sqlite_insert_cards_sql(rows: int) -> str:
@@ -260,6 +262,18 @@ def _sqlite_insert_cards_sql(rows: int) -> str:
         f"INSERT INTO rpl_card ({', '.join(_CARD_COLUMNS)}) VALUES {', '.join([one] * rows)}"
         " ON CONFLICT (card_uuid) DO NOTHING"
     )
+
+
+_SQLITE_INSERT_CARDS_SQL = {rows: _sqlite_insert_cards_sql(rows) for rows in _SQLITE_INSERT_CHUNK_ROWS}
+
+
+def _insert_chunks(count: int) -> Iterator[tuple[int, int]]:
+    """(first row, rows) of each chunk: as many of the largest size as fit, then smaller ones."""
+    start = 0
+    for size in _SQLITE_INSERT_CHUNK_ROWS:
+        while count - start >= size:
+            yield start, size
+            start += size
 SQLITE_ERRORS = (sqlite3.Error, *DATABASE_ERRORS)
 
 
@@ -920,7 +934,6 @@ class Store:
             return
         values = [_sqlite_card_value(row, column) for row in rows for column in _CARD_COLUMNS]
         width = len(_CARD_COLUMNS)
-        chunk = _SQLITE_INSERT_CHUNK_ROWS * width
         try:
             raw = self._ready_engine().raw_connection()
         except DATABASE_ERRORS as error:
@@ -930,9 +943,9 @@ class Store:
             _set_busy_timeout(raw, lock_wait_ms)
             driver = raw.driver_connection
             try:
-                for start in range(0, len(values), chunk):
-                    part = values[start : start + chunk]
-                    driver.execute(_sqlite_insert_cards_sql(len(part) // width), part)
+                for first, size in _insert_chunks(len(rows)):
+                    part = values[first * width : (first + size) * width]
+                    driver.execute(_SQLITE_INSERT_CARDS_SQL[size], part)
                 driver.commit()
             except BaseException:
                 driver.rollback()
