@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from datetime import date
 from typing import Any
@@ -26,7 +27,6 @@ from typing import Any
 from fhir_mappings.facts import Category, PatientFacts
 
 from .findings import Finding
-from .ids import new_uuid
 from .knowledge import SUMMARY_LIMIT, Knowledge, load_knowledge, summary_var_max
 
 log = logging.getLogger(__name__)
@@ -429,7 +429,7 @@ def _create_action(description: str, resource: dict) -> dict:
 
 
 def _suggestion(label: str, actions: list[dict], *, recommended: bool = True) -> dict:
-    suggestion: dict[str, Any] = {"uuid": new_uuid(), "label": label, "actions": actions}
+    suggestion: dict[str, Any] = {"uuid": str(uuid.uuid4()), "label": label, "actions": actions}
     if recommended:
         suggestion["isRecommended"] = True
     return suggestion
@@ -578,7 +578,7 @@ def build_card(finding: Finding, *, facts: PatientFacts, language: str) -> dict:
     meta = knowledge.rules[finding.rule_id]
     vars_ = VARS[finding.rule_id](finding, facts, lang)
     card: dict[str, Any] = {
-        "uuid": new_uuid(),
+        "uuid": str(uuid.uuid4()),
         "summary": _summary(finding, lang, vars_),
         "indicator": meta.get("indicator_by_variant", {}).get(finding.variant, meta["indicator"]),
         "detail": _detail(finding, lang, knowledge, vars_),

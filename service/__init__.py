@@ -91,9 +91,5 @@ def _init_optional_parts(app: Flask) -> None:
 def _configure_logging(level: str) -> None:
     root = logging.getLogger()
     if not root.handlers:
-        # Written by a background thread (service/log_queue.py), not by the request threads.
-        from .log_queue import background_stderr_handler
-
-        root.setLevel(level)
-        root.addHandler(background_stderr_handler())
+        logging.basicConfig(level=level, format="%(message)s")
     logging.getLogger("rpl_cds").setLevel(level)
