@@ -612,3 +612,14 @@ def test_findings_params_are_plain_json_values():
     for rule_id, case in ALL_CASES:
         for finding in findings_of(rule_id, case):
             json.dumps(dict(finding.params))  # raises on dates, enums, objects
+
+
+def test_the_apl_series_kept_on_a_facts_object_is_its_own():
+    """apl_series is worked out once per facts object: a changed copy (dataclasses.replace) must
+    get its own series, and the kept one must not leak into it."""
+    transient = apl_series_case(None)
+    assert rules_module.apl_series(transient, Category.ACL_IGG).persistent is False
+    confirmed = dataclasses.replace(transient, apl_results=apl_series_case(84).apl_results)
+    assert rules_module.apl_series(confirmed, Category.ACL_IGG).persistent is True
+    assert rules_module.apl_series(transient, Category.ACL_IGG).persistent is False
+    assert transient == apl_series_case(None)  # the kept series takes no part in equality
