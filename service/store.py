@@ -243,9 +243,11 @@ WHERE c.patient_pseudonym = ?
   AND c.category IS NOT NULL AND f.outcome_at >= ? AND f.outcome_at <= ?
 ORDER BY f.outcome_at DESC, f.id DESC
 """
+# `IS`: equal, or both NULL (a hook without an encounter); uses ix_rpl_card_select_sign.
 _SQLITE_SHOWN_AT_SELECT_SQL = """
-SELECT rule_id, order_code, order_hash, encounter_pseudonym FROM rpl_card
-WHERE patient_pseudonym = ? AND hook = 'order-select' AND issued_at >= ? AND issued_at <= ?
+SELECT rule_id, order_code, order_hash FROM rpl_card
+WHERE patient_pseudonym = ? AND encounter_pseudonym IS ? AND hook = 'order-select'
+  AND issued_at >= ? AND issued_at <= ?
 """
 _CARD_COLUMNS = tuple(column.name for column in card_table.columns if column.name != "id")
 # One multi-row INSERT per chunk, not executemany: the driver releases the GIL around every row
@@ -819,12 +821,13 @@ class Store:
     ) -> set[tuple[str, str, str]]:
         since = now - SELECT_SIGN_WINDOW
         rows = self._sqlite_read(
-            _SQLITE_SHOWN_AT_SELECT_SQL, (patient, _sqlite_time(since), _sqlite_time(now))
+            _SQLITE_SHOWN_AT_SELECT_SQL,
+            (patient, encounter, _sqlite_time(since), _sqlite_time(now)),
         )
         shown = {
             (rule_id, order_code, order_hash)
-            for rule_id, order_code, order_hash, row_encounter in rows
-            if row_encounter == encounter and order_code in codes
+            for rule_id, order_code, order_hash in rows
+            if order_code in codes
         }
         return shown | self._unwritten_select_cards(patient, encounter, codes, since, now)
 

@@ -213,6 +213,17 @@ def test_sign_right_after_select_is_deduplicated_whether_or_not_the_card_is_writ
     store.wait_for_recording()
 
 
+def test_without_an_encounter_select_and_sign_still_match_and_stay_apart_from_encounters(
+    settings, backend_url
+):
+    app = store_app(settings, backend_url)
+    client = app.test_client()
+    assert len(warnings(call_hook(client, "order-select", "p1", encounter=None))) == 1
+    app.extensions["rpl_store"].wait_for_recording()  # from the database, not the queue
+    assert warnings(call_hook(client, "order-sign", "p1", encounter=None)) == []
+    assert len(warnings(call_hook(client, "order-sign", "p1", encounter="enc-1"))) == 1
+
+
 def test_select_sign_deduplication_can_be_switched_off(settings, tmp_path):
     url = f"sqlite:///{tmp_path / 'dedup-off.sqlite'}"
     client = store_app(settings, url, RPL_SELECT_SIGN_DEDUP=False).test_client()
