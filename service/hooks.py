@@ -96,7 +96,7 @@ def call_service(service_id: str):
     pairs = build_card_pairs(findings, facts=facts, language=language)
     cards = [card for _, card in pairs]
     if store is not None:
-        store.record_cards_in_background(call, [finding for finding, _ in pairs], cards)
+        store.record_cards_in_background(call, pairs)
     g.rpl_card_topics = [c["source"].get("topic", {}).get("code") for c in cards]
     return json_response({"cards": cards})
 

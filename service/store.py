@@ -430,23 +430,6 @@ def suggestion_summaries(card: Mapping[str, Any]) -> list[dict]:
     return summaries
 
 
-def pair_cards_with_findings(findings: Sequence[Any], cards: Sequence[Mapping]) -> list:
-    """The finding behind each card. cards.build keeps one card per finding in finding order;
-    if it ever merges or adds cards, cards are matched by topic code (= rule id) instead."""
-    if len(findings) == len(cards) and all(
-        _topic(card) == f.rule_id for card, f in zip(cards, findings, strict=True)
-    ):
-        return list(findings)
-    unused = list(findings)
-    paired = []
-    for card in cards:
-        match = next((f for f in unused if f.rule_id == _topic(card)), None)
-        if match is not None:
-            unused.remove(match)
-        paired.append(match)
-    return paired
-
-
 def _topic(card: Mapping) -> str | None:
     source = card.get("source") or {}
     topic = source.get("topic") or {}
@@ -898,32 +881,34 @@ class Store:
             and since <= row["issued_at"] <= now
         }
 
-    def record_cards(self, call: Any, findings: Sequence[Any], cards: Sequence[Mapping]) -> None:
-        """Record each issued card. Never raises: a card that cannot be recorded is still shown."""
+    def record_cards(self, call: Any, pairs: Sequence[tuple[Any, Mapping]]) -> None:
+        """Record each issued card (pairs of finding and card, as cards.build makes them) now,
+        without the card writer's queue, waiting for a lock only as long as a hook may. Never
+        raises: a card that cannot be recorded is still shown."""
         try:
-            self._record_cards(call, findings, cards)
+            self._insert_card_rows(self.card_rows(call, pairs), lock_wait_ms=HOOK_LOCK_WAIT_MS)
         except Exception:  # noqa: BLE001
             log.exception("record_cards failed; the cards were answered but not recorded")
 
-    def record_cards_in_background(
-        self, call: Any, findings: Sequence[Any], cards: Sequence[Mapping]
-    ) -> None:
+    def record_cards_in_background(self, call: Any, pairs: Sequence[tuple[Any, Mapping]]) -> None:
         """Queue the cards for the card writer (service/batch_writer.py), which records them
         after the hook has answered, many hooks per transaction. Never raises. A busy database
         (another process writing for a moment) delays the recording, it does not lose the card;
         a database that is down loses it (logged once per outage)."""
         try:
-            self.card_writer.add(self.card_rows(call, findings, cards))
+            self.card_writer.add(self.card_rows(call, pairs))
         except Exception:  # noqa: BLE001
             log.exception("record_cards failed; the cards were answered but not recorded")
 
-    def _insert_card_rows(self, rows: list) -> None:
+    def _insert_card_rows(self, rows: list, lock_wait_ms: int = RECORD_LOCK_WAIT_MS) -> None:
+        if not rows:
+            return
         if self.dialect == "sqlite":
-            self._sqlite_insert_card_rows(rows, RECORD_LOCK_WAIT_MS)
+            self._sqlite_insert_card_rows(rows, lock_wait_ms)
             return
         try:
             with self._hook_transaction(
-                "record_cards", lock_wait_ms=RECORD_LOCK_WAIT_MS, statement_timeout_ms=10_000
+                "record_cards", lock_wait_ms=lock_wait_ms, statement_timeout_ms=10_000
             ) as connection:
                 if connection is None:
                     return
@@ -963,33 +948,21 @@ class Store:
             raw.close()
         self._note_success()
 
-    def _record_cards(self, call: Any, findings: Sequence[Any], cards: Sequence[Mapping]) -> None:
-        rows = self.card_rows(call, findings, cards)
-        if not rows:
-            return
-        if self.dialect == "sqlite":
-            self._sqlite_insert_card_rows(rows, HOOK_LOCK_WAIT_MS)
-            return
-        with self._hook_transaction("record_cards") as connection:
-            if connection is None:
-                return
-            connection.execute(self._insert_ignoring_duplicates(card_table, "card_uuid"), rows)
-
-    def card_rows(self, call: Any, findings: Sequence[Any], cards: Sequence[Mapping]) -> list:
+    def card_rows(self, call: Any, pairs: Sequence[tuple[Any, Mapping]]) -> list:
         now = self.clock()
         patient = self.pseudonym("patient", call.patient_id)
         encounter = self.pseudonym("encounter", call.encounter_id) if call.encounter_id else None
         rows = []
-        for card, finding in zip(cards, pair_cards_with_findings(findings, cards), strict=True):
+        for finding, card in pairs:
             if not card.get("uuid"):
                 continue  # no uuid, no feedback (CDS Hooks 2.0): nothing worth recording
-            order = getattr(finding, "order", None)
+            order = finding.order
             rows.append(
                 {
                     "card_uuid": str(card["uuid"])[:64],
                     "service_id": call.service.id,
                     "hook": call.service.hook,
-                    "rule_id": str(_topic(card) or getattr(finding, "rule_id", "unknown"))[:64],
+                    "rule_id": str(_topic(card) or finding.rule_id)[:64],
                     "indicator": str(card.get("indicator", "info"))[:16],
                     "hook_instance": str(call.hook_instance)[:128],
                     "issued_at": now,
@@ -999,7 +972,7 @@ class Store:
                     if order is not None and order.resource_ref
                     else None,
                     "order_code": order_code_text(order),
-                    "category": category_value(finding) if finding is not None else None,
+                    "category": category_value(finding),
                     "order_hash": order_content_hash(order),
                     "suggestions": suggestion_summaries(card),
                 }

@@ -63,7 +63,7 @@ def _record(store, rule_outcomes):
         store.clock = lambda at=issued_at: at
         finding = warning()
         card = card_for(finding)
-        store.record_cards(hook_call("order-select", patient_id=str(uuid.uuid4())), [finding], [card])
+        store.record_cards(hook_call("order-select", patient_id=str(uuid.uuid4())), [(finding, card)])
         if result:
             suggestions = (card["suggestions"][0]["uuid"],) if result == "accepted" else ()
             store.store_feedback([

@@ -26,7 +26,6 @@ from service.store import (
     feedback_dedup_key,
     feedback_table,
     order_content_hash,
-    pair_cards_with_findings,
     pseudonym,
 )
 
@@ -276,12 +275,6 @@ def test_remembered_override_is_mentioned_at_patient_view_and_dropped_at_order_h
         assert apply_memories([finding, other], hook, remembered, set()) == [other]
 
 
-def test_cards_pair_with_findings_by_topic_when_counts_differ():
-    first, second = warning(), Finding("tsh-missing")
-    cards = [card_for(second), {"uuid": "u", "source": {"topic": {"code": "extra"}}}]
-    assert pair_cards_with_findings([first, second], cards) == [second, None]
-
-
 # ---------------------------------------------------------------------------------------------
 # With a database
 
@@ -291,7 +284,7 @@ def test_recorded_rows_hold_no_clear_identifiers(tmp_path, backend_url):
     call = hook_call("order-select", patient_id="Patient-clear-id-777", encounter_id="Enc-555")
     finding = warning(draft_order("Order-clear-333"))
     card = card_for(finding)
-    store.record_cards(call, [finding], [card])
+    store.record_cards(call, [(finding, card)])
     store.store_feedback(
         [
             store_module.FeedbackRow(
@@ -316,7 +309,7 @@ def test_override_memory_follows_latest_feedback_and_period(tmp_path, backend_ur
     call = hook_call("order-select")
     shown = warning()
     card = card_for(shown)
-    store.record_cards(call, [shown], [card])
+    store.record_cards(call, [(shown, card)])
     assert store.filter_findings(hook_call("order-select"), None, [warning()]) == [warning()]
 
     store.store_feedback([feedback_row(card, "overridden", now - timedelta(minutes=5))])
@@ -335,7 +328,7 @@ def test_override_memory_can_be_switched_off(tmp_path):
     store = bare_store(tmp_path, f"sqlite:///{tmp_path / 'x.sqlite'}", RPL_OVERRIDE_MEMORY_DAYS=0)
     shown = warning()
     card = card_for(shown)
-    store.record_cards(hook_call("order-select"), [shown], [card])
+    store.record_cards(hook_call("order-select"), [(shown, card)])
     store.store_feedback([feedback_row(card, "overridden")])
     assert store.filter_findings(hook_call("order-select"), None, [warning()]) == [warning()]
 
@@ -345,7 +338,7 @@ def test_future_outcome_timestamp_does_not_stretch_the_memory(tmp_path):
     now = datetime.now(UTC)
     shown = warning()
     card = card_for(shown)
-    store.record_cards(hook_call("order-select"), [shown], [card])
+    store.record_cards(hook_call("order-select"), [(shown, card)])
     store.store_feedback([feedback_row(card, "overridden", now + timedelta(days=365))])
     store.clock = lambda: now + timedelta(days=181)
     assert store.filter_findings(hook_call("order-select"), None, [warning()]) == [warning()]
@@ -357,10 +350,10 @@ def test_purge_deletes_old_cards_with_their_feedback(tmp_path, backend_url):
     old, new = warning(), warning()
     old_card, new_card = card_for(old), card_for(new)
     store.clock = lambda: now - timedelta(days=101)
-    store.record_cards(hook_call("order-select"), [old], [old_card])
+    store.record_cards(hook_call("order-select"), [(old, old_card)])
     store.store_feedback([feedback_row(old_card, "overridden", now - timedelta(days=101))])
     store.clock = lambda: now - timedelta(days=99)
-    store.record_cards(hook_call("order-select"), [new], [new_card])
+    store.record_cards(hook_call("order-select"), [(new, new_card)])
     store.store_feedback([feedback_row(new_card, "overridden", now - timedelta(days=99))])
     store.clock = lambda: now
     assert store.purge() == (1, 1)
@@ -376,12 +369,12 @@ def test_a_broken_database_never_breaks_the_hook_path(tmp_path, caplog):
     store.retry_after_failure_s = 0
     finding = warning()
     assert store.filter_findings(hook_call("order-sign"), None, [finding]) == [finding]
-    store.record_cards(hook_call("order-sign"), [finding], [card_for(finding)])  # no exception
+    store.record_cards(hook_call("order-sign"), [(finding, card_for(finding))])  # no exception
     assert "database unavailable" in caplog.text
     with pytest.raises(store_module.StoreUnavailable):
         store.issued_cards(["x"])
     (tmp_path / "missing-dir").mkdir()
-    store.record_cards(hook_call("order-sign"), [finding], [card_for(finding)])
+    store.record_cards(hook_call("order-sign"), [(finding, card_for(finding))])
     assert count_rows(url, "rpl_card") == 1
     assert "database available again" in caplog.text
 
@@ -397,14 +390,14 @@ def test_hook_path_gives_up_quickly_on_a_locked_sqlite_database(tmp_path):
     try:
         finding = warning()
         started = time.monotonic()
-        store.record_cards(hook_call("order-select"), [finding], [card_for(finding)])
+        store.record_cards(hook_call("order-select"), [(finding, card_for(finding))])
         assert time.monotonic() - started < 2
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
     assert count_rows(url, "rpl_card") == 0
     # Busy is not down: the very next call uses the database again (no back-off).
-    store.record_cards(hook_call("order-select"), [finding], [card_for(finding)])
+    store.record_cards(hook_call("order-select"), [(finding, card_for(finding))])
     assert count_rows(url, "rpl_card") == 1
 
 
@@ -450,7 +443,7 @@ def test_purge_command(tmp_path, monkeypatch, capsys):
     for age in (800, 400, 10):
         store.clock = lambda age=age: now - timedelta(days=age)
         finding = warning()
-        store.record_cards(hook_call("order-select"), [finding], [card_for(finding)])
+        store.record_cards(hook_call("order-select"), [(finding, card_for(finding))])
     monkeypatch.setenv("RPL_CDS_DATABASE_URL", url)
     monkeypatch.setenv("RPL_CDS_AUTH", "disabled")
     monkeypatch.setenv("RPL_CDS_PSEUDONYM_SECRET", "store-test-secret-0123456789")
@@ -488,8 +481,8 @@ def test_a_large_batch_of_cards_is_written_in_full_and_duplicates_are_skipped(tm
     findings = [warning(draft_order(f"order-{n}")) for n in range(450)]
     cards = [card_for(finding) for finding in findings]
     for finding, card in zip(findings, cards):
-        store.record_cards_in_background(hook_call("order-select"), [finding], [card])
-    store.record_cards_in_background(hook_call("order-select"), [findings[0]], [cards[0]])
+        store.record_cards_in_background(hook_call("order-select"), [(finding, card)])
+    store.record_cards_in_background(hook_call("order-select"), [(findings[0], cards[0])])
     store.wait_for_recording()
     assert count_rows(backend_url, "rpl_card") == 450
     assert set(store.issued_cards(card["uuid"] for card in cards[:3])) == {c["uuid"] for c in cards[:3]}
