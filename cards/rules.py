@@ -744,9 +744,10 @@ def miscarriage_aftercare(facts: PatientFacts) -> list[Finding]:
     """Leaflet (corrected, guideline.md 6.2): "Bij koorts, hevig bloedverlies met eventueel
     flauwvallen, lang aanhoudende pijn en bloedverlies heb je reden om ons te bellen."; options
     expectant / medication / curettage; folic acid; early scan at 7-8 weeks next time; Freya.
-    The medication regimen is the corrected one (mifepristone 200 mg oral, then misoprostol
-    4 x 200 microgram vaginally after 36-48 h); the leaflet's "80% within a week" and "chromosome
-    testing after 2 miscarriages" are not reused."""
+    No medication regimen is given (guideline.md 6.2: the leaflet's is wrong and the NVOG dose
+    module is unverified; the prescribed regimen applies), only the NVOG's single misoprostol
+    administration; the leaflet's "80% within a week" and "chromosome testing after 2
+    miscarriages" are not reused."""
     if not facts.active_miscarriage:
         return []
     return [
