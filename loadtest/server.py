@@ -19,6 +19,8 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
+from service.db import sqlalchemy_url
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_HOST, PG_PORT = "127.0.0.1", 5432
 
@@ -107,9 +109,7 @@ def database(postgres: bool, workdir: Path) -> Iterator[str]:
 
 
 def _engine(url: str):
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url.split("://", 1)[1]
-    return create_engine(url)
+    return create_engine(sqlalchemy_url(url))
 
 
 def stored_feedback_stamps(url: str) -> list[str]:

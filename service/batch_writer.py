@@ -52,7 +52,6 @@ class BatchWriter:
         safely, the lock)."""
         self._cond = threading.Condition()
         self._queue: list[dict] = []  # rows not yet taken by the writer thread
-        self._in_flight: list[dict] = []  # rows being written now
         self._unwritten: dict[Hashable, list[dict]] = {}  # index key -> queued or in-flight rows
         self._queued_total = 0  # rows ever queued in this process
         self._done_total = 0  # rows written or given up
@@ -137,7 +136,6 @@ class BatchWriter:
             self._first_queued_at = time.monotonic()
         else:
             self._urgent = False
-        self._in_flight = batch
         return batch
 
     def _run(self) -> None:
@@ -153,7 +151,6 @@ class BatchWriter:
             log.exception("writing a batch of %d rows failed; they are lost", len(batch))
         finally:
             with self._cond:
-                self._in_flight = []
                 self._done_total += len(batch)
                 self._forget(batch)
                 self._cond.notify_all()

@@ -19,13 +19,17 @@ _engines: dict[tuple[int, str], Engine] = {}
 _engines_lock = threading.Lock()
 
 
+def sqlalchemy_url(url: str) -> str:
+    """SQLAlchemy names the psycopg 3 driver explicitly; accept the plain PostgreSQL forms too."""
+    if url.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
 def database_url(app: Flask) -> str:
     configured = app.config["RPL_SETTINGS"].database_url
     if configured:
-        # SQLAlchemy names the psycopg 3 driver explicitly; accept the plain form too.
-        if configured.startswith("postgresql://") or configured.startswith("postgres://"):
-            configured = "postgresql+psycopg://" + configured.split("://", 1)[1]
-        return configured
+        return sqlalchemy_url(configured)
     return "sqlite:///" + os.path.join(app.instance_path, "rpl-cds.sqlite")
 
 

@@ -164,10 +164,8 @@ def _purge(args: argparse.Namespace) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    from sqlalchemy.exc import SQLAlchemyError
-
     from .migrations import current_revision, upgrade_to_head
-    from .store import get_store
+    from .store import DATABASE_ERRORS, get_store
 
     app = _app()
     if app is None:
@@ -176,7 +174,7 @@ def _migrate(args: argparse.Namespace) -> int:
     try:
         upgrade_to_head(engine)
         revision = current_revision(engine)
-    except SQLAlchemyError:
+    except DATABASE_ERRORS:  # also a schema newer than this release (alembic CommandError)
         return _database_error()
     print(f"rpl-cds migrate: database schema at revision {revision}")
     return 0

@@ -110,8 +110,6 @@ STORE_THREADS = 2
 DEFAULT_RETRY_AFTER_FAILURE_S = 2.0
 SECRET_FILE_NAME = "pseudonym-secret"
 
-DEFAULT_OVERRIDE_MEMORY_DAYS = 180
-DEFAULT_RETENTION_DAYS = 730
 
 
 class UtcDateTime(TypeDecorator):
@@ -312,9 +310,11 @@ class StoreUnavailable(Exception):
 
 @dataclass(frozen=True)
 class StoreOptions:
-    override_memory_days: int = DEFAULT_OVERRIDE_MEMORY_DAYS  # 0 = no override memory
-    select_sign_dedup: bool = True
-    retention_days: int = DEFAULT_RETENTION_DAYS
+    """From Settings (service/config.py holds the defaults)."""
+
+    override_memory_days: int  # 0 = no override memory
+    select_sign_dedup: bool
+    retention_days: int
 
 
 @dataclass(frozen=True)
@@ -609,10 +609,7 @@ class Store:
                     where,
                 )
             return
-        with self._state_lock:
-            self._skip_until = time.monotonic() + self.retry_after_failure_s
-            first = not self._outage
-            self._outage = True
+        first = self._start_outage()
         # The database may come back empty or restored from an older backup: check the schema
         # again on the next attempt (cheap when it is current).
         _migrated.discard(self.url)
@@ -626,6 +623,14 @@ class Store:
                 type(error).__name__,
                 where,
             )
+
+    def _start_outage(self) -> bool:
+        """Hooks leave the database alone for the back-off period; True if the outage is new."""
+        with self._state_lock:
+            self._skip_until = time.monotonic() + self.retry_after_failure_s
+            first = not self._outage
+            self._outage = True
+        return first
 
     def _note_success(self) -> None:
         if self._outage:
@@ -682,11 +687,7 @@ class Store:
     def _note_too_slow(self, where: str) -> None:
         """The database did not answer within the hook budget: treat it as down for the back-off
         period, so the following hooks do not each wait for it."""
-        with self._state_lock:
-            self._skip_until = time.monotonic() + self.retry_after_failure_s
-            first = not self._outage
-            self._outage = True
-        if first:
+        if self._start_outage():
             log.warning(
                 "database did not answer within %.1f s (%s): hooks answer without it for now",
                 HOOK_DB_BUDGET_S, where,

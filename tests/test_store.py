@@ -19,6 +19,7 @@ from cards.findings import Finding
 from fhir_mappings.facts import Category, Intervention, InterventionState
 from service import store as store_module
 from service.config import ConfigError, Settings
+from service.db import sqlalchemy_url
 from service.store import (
     Store,
     apply_memories,
@@ -108,12 +109,6 @@ BACKENDS = [pytest.param("sqlite"), pytest.param("postgresql", marks=pytest.mark
 def backend_url(request, tmp_path):
     with database_url_for(request.param, tmp_path) as url:
         yield url
-
-
-def sqlalchemy_url(url: str) -> str:
-    if url.startswith("postgresql://"):
-        return "postgresql+psycopg://" + url.split("://", 1)[1]
-    return url
 
 
 def count_rows(url: str, table: str) -> int:

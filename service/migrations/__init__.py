@@ -118,7 +118,3 @@ def _file_lock(path: str | None) -> Iterator[None]:
     finally:
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         handle.close()
-
-
-def sqlite_lock_file(database_path: str | os.PathLike) -> str:
-    return os.fspath(database_path) + ".migration-lock"

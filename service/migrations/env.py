@@ -8,7 +8,7 @@ import os
 from alembic import context
 from sqlalchemy import create_engine
 
-from service.db import metadata
+from service.db import metadata, sqlalchemy_url
 
 # Import the modules that declare tables, so autogenerate sees all of them.
 import service.store  # noqa: F401
@@ -38,9 +38,7 @@ def _url() -> str:
     url = config.get_main_option("sqlalchemy.url") or os.environ.get("RPL_CDS_DATABASE_URL")
     if not url:
         raise SystemExit("set sqlalchemy.url or RPL_CDS_DATABASE_URL")
-    if url.startswith(("postgresql://", "postgres://")):
-        url = "postgresql+psycopg://" + url.split("://", 1)[1]
-    return url
+    return sqlalchemy_url(url)
 
 
 def run_offline() -> None:
