@@ -302,13 +302,13 @@ class _Client:
     def complete(self, bundle: dict) -> tuple[dict, int | None]:
         if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
             raise _FetchError("only a Bundle can be completed")
-        seen = {_normalized(u) for u in [_link(bundle, "self")] if u}
+        seen = {_normalized(u) for u in [link(bundle, "self")] if u}
         return self.follow_pages(bundle, seen), None
 
     def follow_pages(self, first: dict, seen: set[str]) -> dict:
         pages = [first]
         _check_search_outcomes(first)
-        while (next_url := _link(pages[-1], "next")) is not None:
+        while (next_url := link(pages[-1], "next")) is not None:
             next_url = urljoin(self.base, next_url)
             if _origin(next_url) != self.origin:
                 raise _FetchError("a next link points to another server; not followed")
@@ -425,28 +425,40 @@ def _normalized(url: str) -> str:
     return url.split("#", 1)[0]
 
 
-def _link(bundle: dict, relation: str) -> str | None:
-    for link in bundle.get("link") or ():
-        if isinstance(link, dict) and link.get("relation") == relation and isinstance(link.get("url"), str):
-            return link["url"]
+def link(bundle: dict, relation: str) -> str | None:
+    """The URL of a Bundle's link with this relation ("next", "self"), if any."""
+    for candidate in bundle.get("link") or ():
+        if isinstance(candidate, dict) and candidate.get("relation") == relation and isinstance(candidate.get("url"), str):
+            return candidate["url"]
+    return None
+
+
+def error_outcome_in(bundle: dict) -> dict | None:
+    """The first OperationOutcome entry of a searchset that reports an error (severity error or
+    fatal, or no issue at all: an outcome without issues is not a valid one), else None. Such a
+    search is incomplete, whether it was prefetched or fetched here."""
+    for entry in bundle.get("entry") or ():
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if isinstance(resource, dict) and resource.get("resourceType") == "OperationOutcome":
+            issues = resource.get("issue")
+            if not isinstance(issues, list) or not issues or any(
+                isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in issues
+            ):
+                return resource
     return None
 
 
 def _check_search_outcomes(bundle: dict) -> None:
-    """A search whose Bundle carries an error OperationOutcome is incomplete: treat it as failed."""
-    for entry in bundle.get("entry") or ():
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if isinstance(resource, dict) and resource.get("resourceType") == "OperationOutcome":
-            issues = resource.get("issue") or []
-            if any(isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in issues):
-                raise _FetchError(f"the search reported an error{_issue_codes(resource)}")
+    outcome = error_outcome_in(bundle)
+    if outcome is not None:
+        raise _FetchError(f"the search reported an error{_issue_codes(outcome)}")
 
 
 def _merged(pages: list[dict]) -> dict:
     """One searchset with every page's entries; a resource repeated across pages is kept once."""
     first = pages[0]
     merged = {k: v for k, v in first.items() if k not in ("entry", "link")}
-    self_link = _link(first, "self")
+    self_link = link(first, "self")
     if self_link:
         merged["link"] = [{"relation": "self", "url": self_link}]
     entries, seen = [], set()

@@ -158,21 +158,9 @@ def check_prefetch_value(key: PrefetchKey, value: object) -> tuple[bool, str]:
         raise ApiError(
             400, f"prefetch.{key.key}.entry: expected an array", expression=[f"prefetch.{key.key}"]
         )
-    for entry in entries or ():
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if isinstance(resource, dict) and resource.get("resourceType") == "OperationOutcome":
-            if _outcome_is_error(resource):
-                return False, "holds an OperationOutcome with an error (incomplete search)"
+    if fhir_client.error_outcome_in(value) is not None:
+        return False, "holds an OperationOutcome with an error (incomplete search)"
     return True, ""
-
-
-def _outcome_is_error(outcome: dict) -> bool:
-    issues = outcome.get("issue")
-    if not isinstance(issues, list):
-        return True
-    return any(
-        isinstance(i, dict) and i.get("severity") in ("error", "fatal") for i in issues
-    ) or not issues
 
 
 def resources_of(value: dict) -> list[dict]:
@@ -188,11 +176,7 @@ def resources_of(value: dict) -> list[dict]:
 
 
 def _has_next_link(value: dict) -> bool:
-    links = value.get("link") if value.get("resourceType") == "Bundle" else None
-    return isinstance(links, list) and any(
-        isinstance(link, dict) and link.get("relation") == "next" and link.get("url")
-        for link in links
-    )
+    return value.get("resourceType") == "Bundle" and bool(fhir_client.link(value, "next"))
 
 
 def _complete_pages(

@@ -497,3 +497,19 @@ def test_an_http_proxy_from_the_environment_is_used_unless_no_proxy_names_the_ho
     (request,) = proxy.requests
     assert request.path == "http://fhir.example.invalid/fhir/Patient/p1"  # absolute form: a proxy request
     assert not bypassed.ok and bypassed.error == "could not connect to the FHIR server"
+
+
+@pytest.mark.parametrize("outcome", [
+    {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "too-costly"}]},
+    {"resourceType": "OperationOutcome", "issue": []},
+    {"resourceType": "OperationOutcome"},
+])
+def test_a_fetched_search_with_an_error_outcome_fails_as_a_prefetched_one_is_refused(session, outcome):
+    """One rule for prefetched and fetched searches (fhir_client.error_outcome_in): an outcome
+    reporting an error, or one without any issue, makes the search incomplete."""
+    bundle = searchset([{"resourceType": "Observation", "id": "o1"}, outcome])
+    with ScriptedServer(lambda r: r.send_json(200, bundle)) as server:
+        result = fetch_queries(server.base_url, {"obs": "Observation?patient=p1"}, access_token=None,
+                               deadline=soon(), session=session)["obs"]
+    assert not result.ok and "the search reported an error" in result.error
+    assert fhir_client.error_outcome_in(bundle) == outcome
