@@ -23,7 +23,6 @@ from .services import CdsService, PrefetchKey, substitute_tokens
 
 @dataclass
 class GatheredData:
-    resources: list[dict] = field(default_factory=list)  # every resource of every key, flattened
     by_key: dict[str, list[dict]] = field(default_factory=dict)
     fetched_keys: list[str] = field(default_factory=list)  # keys that needed the FHIR server
     fetch_ms: float = 0.0
@@ -125,8 +124,6 @@ def gather(
     if missing_required:
         raise _precondition_failed(missing_required, problems, unbuildable)
     gathered.fetch_ms = (time.monotonic() - started) * 1000
-    for key in service.prefetch:
-        gathered.resources.extend(gathered.by_key.get(key.key, ()))
     return gathered
 
 

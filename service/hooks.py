@@ -7,13 +7,14 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import date, datetime
+from itertools import chain
 from zoneinfo import ZoneInfo
 
 from flask import Blueprint, current_app, g, jsonify, request
 
 from cards.build import build_card_pairs
 from cards.rules import evaluate
-from fhir_mappings.extract import extract_patient_facts
+from fhir_mappings.extract import extract_patient_facts, flatten_bundle
 
 from .errors import ApiError
 from .gather import decide_fhir_access, gather
@@ -60,7 +61,7 @@ def call_service(service_id: str):
     validate_hook_request(body, service)
     g.rpl_hook_instance = body["hookInstance"]
     context = body["context"]
-    draft_orders = draft_order_resources(context)
+    draft_orders = flatten_bundle(context.get("draftOrders"))
     focus_refs = selected_refs(context, draft_orders) if service.hook == "order-select" else None
 
     access = decide_fhir_access(
@@ -80,7 +81,8 @@ def call_service(service_id: str):
         today=datetime.now(ZoneInfo(settings.timezone)).date(),
     )
     facts = extract_patient_facts(
-        gathered.resources,
+        # In the discovery document's key order, as before; no flattened copy.
+        chain.from_iterable(gathered.by_key.get(key.key, ()) for key in service.prefetch),
         today=call.today,
         draft_orders=draft_orders,
         focus_refs=focus_refs,
@@ -112,17 +114,6 @@ def validate_hook_request(body: object, service: CdsService) -> None:
             expression=["hook"],
         )
     validate_or_400(body["context"], CONTEXT_SCHEMA_BY_HOOK[service.hook], prefix="context")
-
-
-def draft_order_resources(context: dict) -> list[dict]:
-    bundle = context.get("draftOrders")
-    if not isinstance(bundle, dict):
-        return []
-    return [
-        entry["resource"]
-        for entry in bundle.get("entry") or ()
-        if isinstance(entry, dict) and isinstance(entry.get("resource"), dict)
-    ]
 
 
 def selected_refs(context: dict, draft_orders: list[dict]) -> set[str]:
