@@ -32,7 +32,6 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config.update(
         RPL_SETTINGS=settings,
         MAX_CONTENT_LENGTH=settings.max_body_bytes,
-        JSON_SORT_KEYS=False,
         **settings.as_flask_config(),
     )
     app.config.update(test_config)

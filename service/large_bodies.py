@@ -11,9 +11,11 @@ turn; small hooks never wait. A request that cannot get a turn within its wait l
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterable
 
+from .errors import operation_outcome
 from .malloc_tuning import give_back_free_memory
 
 LARGE_BODY_BYTES = 1024 * 1024
@@ -54,11 +56,14 @@ def _is_large(environ: dict) -> bool:
     return "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
 
 
+# Answered before Flask sees the request (so neither the request log nor the metrics count it).
+_BUSY_BODY = json.dumps(
+    operation_outcome(503, "The service is busy with other large requests; try again shortly.")
+).encode()
+
+
 def _busy(start_response: Callable) -> list[bytes]:
-    body = (
-        b'{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"transient",'
-        b'"diagnostics":"The service is busy with other large requests; try again shortly."}]}'
-    )
+    body = _BUSY_BODY
     start_response(
         "503 Service Unavailable",
         [("Content-Type", "application/fhir+json"), ("Content-Length", str(len(body))), ("Retry-After", "1")],

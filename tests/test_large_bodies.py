@@ -8,6 +8,7 @@ import threading
 import time
 
 from service.large_bodies import LARGE_BODY_BYTES, LargeBodyGate
+from service.validation import validator
 
 
 class SlowApp:
@@ -69,7 +70,9 @@ def test_a_request_that_gets_no_turn_in_time_is_answered_503_with_an_outcome():
     statuses = sorted(status for status, _ in results)
     assert statuses == ["200 OK", "503 Service Unavailable"]
     body = json.loads(next(b for s, b in results if s.startswith("503")))
-    assert body["resourceType"] == "OperationOutcome" and "busy" in body["issue"][0]["diagnostics"]
+    # The same OperationOutcome shape as every other error (service/errors.py).
+    assert body["resourceType"] == "OperationOutcome" and "busy" in body["issue"][0]["details"]["text"]
+    validator("operation-outcome.schema.json").validate(body)
 
 
 def test_the_service_answers_a_large_hook_through_the_gate(client):
