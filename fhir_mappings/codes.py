@@ -60,7 +60,6 @@ class ConceptCoding:
 class Concept:
     id: str
     label: str
-    is_category: bool
     observation: bool
     lifelong: bool
     codings: tuple[ConceptCoding, ...]  # matchable codings only
@@ -142,9 +141,7 @@ class CodeTables:
     """Immutable lookup tables built from the code files. Thread-safe for reading."""
 
     def __init__(self, main: dict, extras: Iterable[tuple[dict, str]] = ()):
-        self.version: str | None = main.get("version")
         self.system_key = SystemNormaliser(main.get("systemAliases") or {})
-        self.project_code_systems = tuple(main.get("projectCodeSystems") or ())
         qualitative = main.get("qualitativeResultText") or {}
         self._negative_text = _word_pattern(qualitative.get("negative", ()))
         self._positive_text = _word_pattern(qualitative.get("positive", ()))
@@ -188,7 +185,6 @@ class CodeTables:
             self.concepts[cid] = Concept(
                 id=cid,
                 label=raw.get("label", cid),
-                is_category=bool(raw.get("category")),
                 observation=bool(raw.get("observation")),
                 lifelong=bool(raw.get("lifelong")),
                 codings=codings,
@@ -207,7 +203,6 @@ class CodeTables:
         # Memo of raw (system, code) -> concepts and of concept sets -> categories: a chart repeats
         # the same few hundred codes thousands of times. Bounded; plain dict writes are atomic.
         self._memo: dict[tuple[object, object], frozenset[str]] = {}
-        self._categories_memo: dict[frozenset[str], tuple[Category, ...]] = {}
         self._category_ids_memo: dict[frozenset[str], tuple[str, ...]] = {}
 
     # -- lookups -----------------------------------------------------------------------------
@@ -289,21 +284,9 @@ class CodeTables:
             return "POS"
         return None
 
-    def categories_in(self, concept_ids: frozenset[str]) -> tuple[Category, ...]:
-        """The guideline categories among `concept_ids` (sorted, so the order is stable)."""
-        if not concept_ids:
-            return ()
-        found = self._categories_memo.get(concept_ids)
-        if found is None:
-            found = tuple(
-                sorted((self._category_by_id[c] for c in concept_ids if c in self._category_by_id), key=lambda c: c.value)
-            )
-            if len(self._categories_memo) < MEMO_LIMIT:
-                self._categories_memo[concept_ids] = found
-        return found
-
     def category_ids_in(self, concept_ids: frozenset[str]) -> tuple[str, ...]:
-        """Like categories_in, as concept id strings (cheaper to compare and hash than enum members)."""
+        """The guideline categories among `concept_ids`, as concept id strings (sorted, so the
+        order is stable; cheaper to compare and hash than Category members)."""
         if not concept_ids:
             return ()
         found = self._category_ids_memo.get(concept_ids)
