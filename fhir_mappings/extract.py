@@ -934,7 +934,7 @@ def _order_context(st: _State, r: dict) -> tuple[tuple[tuple[str, str], ...], bo
         return NO_CONTEXT
     reasons = _reasons(st, r)
     reason_codes: list[tuple[str, str]] = []
-    is_rpl = is_other = False
+    is_rpl = is_other = in_study = False
     for reason in reasons:
         if not isinstance(reason, dict):
             continue
@@ -945,11 +945,12 @@ def _order_context(st: _State, r: dict) -> tuple[tuple[tuple[str, str], ...], bo
         ]
         reason_codes.extend(coded)
         ids = st.codes.concepts_for(reason)
+        in_study = in_study or "clinical-study" in ids
         if ids & RPL_REASONS:
             is_rpl = True
         elif coded and "clinical-study" not in ids:
             is_other = True
-    in_study = "clinical-study" in st.codes.concepts_for(reasons) or (
+    in_study = in_study or (
         "category" in r and "clinical-study" in st.codes.concepts_for(_as_list(r["category"]))
     )
     return tuple(dict.fromkeys(reason_codes)), is_rpl, is_other, in_study
