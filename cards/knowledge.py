@@ -39,7 +39,8 @@ def summary_var_max(name: str) -> int:
 
 
 SUMMARY_LIMIT = 140
-# The card asks to avoid "habituele abortus"; no text of ours may contain that term in any language.
+# R02: the card asks to avoid the old term for recurrent miscarriage (the one that starts with
+# "habitu..."); no text of ours may contain it in any language.
 BANNED_TERMS = re.compile(r"habitu", re.IGNORECASE)
 _FIELD = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -87,7 +88,7 @@ class Knowledge:
 def _read_json(name: str) -> Any:
     text = resources.files("cards.data").joinpath(name).read_text(encoding="utf-8")
     if BANNED_TERMS.search(text):
-        raise KnowledgeError(f"{name}: contains a banned term (the card says: avoid 'habituele abortus')")
+        raise KnowledgeError(f"{name}: contains a banned term (the one R02 asks to avoid, 'habitu...')")
     return json.loads(text)
 
 

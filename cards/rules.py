@@ -46,7 +46,9 @@ APL_REPEAT_INTERVAL = timedelta(days=84)  # A4: "herhalen na 12 weken" = at leas
 PREGNANCY_TSH_UPPER_OFFSET = 0.5  # A3: pregnancy = usual reference values minus 0.5 mIU/L
 SCH_CONSIDER_ABOVE = 4.0  # A3: subclinical hypothyroidism, TSH 4-10: consider (shared decision)
 SCH_TREAT_ABOVE = 10.0  # A3: subclinical hypothyroidism, TSH > 10: treatment recommended
-THYROID_PAIRING = timedelta(days=30)  # FT4 and TSH belong together when sampled within 30 days
+# rpl-cds choices where the card and guideline.md give no number (for clinical sign-off; see the
+# rule's "verification" in cards/data/rules.json):
+THYROID_PAIRING = timedelta(days=30)  # rpl-cds choice: FT4 and TSH sampled within 30 days belong together
 KARYOTYPE_AGE_BELOW = 35  # footnote *: "jonger dan 35 jaar"
 KARYOTYPE_MIN_LOSSES = 3  # footnote *: "≥ 3 miskramen"
 PROGESTERONE_MIN_LOSSES = 3  # "Bij ≥3 miskramen + bloedverlies ≤ AD 12 weken"
@@ -55,8 +57,8 @@ PROGESTERONE_UNTIL = weeks_days(16)  # "tot AD 16wk": indicated while GA < 16+0
 ANTI_D_FROM = weeks_days(10)  # leaflet: "bij een miskraam na 10 weken" = from 10+0 (NHG: >= 10 wk)
 FIRST_TRIMESTER_END = weeks_days(12)  # A8: second trimester from 12+0
 MISCARRIAGE_WINDOW_END = weeks_days(24)  # A1: a loss is a loss before 24+0 weeks
-LONGEST_PREGNANCY = weeks_days(42)  # to date a pregnancy whose gestational age is unknown
-EUTHYROID_EVIDENCE_MAX_AGE = timedelta(days=365)  # R14 warnings rest on a TSH of the past year
+LONGEST_PREGNANCY = weeks_days(42)  # rpl-cds choice: to date a pregnancy whose age is unknown
+EUTHYROID_EVIDENCE_MAX_AGE = timedelta(days=365)  # rpl-cds choice: R14 warnings rest on a TSH of the past year
 
 
 # =============================================================================================

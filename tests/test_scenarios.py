@@ -46,7 +46,7 @@ STRUCTURAL_SYSTEMS = {
     "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation",
     "http://unitsofmeasure.org",
 }
-FORBIDDEN_TERM = re.compile(r"habitu", re.IGNORECASE)  # team rule: never "habituele abortus"
+FORBIDDEN_TERM = re.compile(r"habitu", re.IGNORECASE)  # R02: never the old term for RPL
 
 
 def service_today() -> date:
