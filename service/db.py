@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Any
 
 from flask import Flask, current_app
 from sqlalchemy import Engine, MetaData, create_engine, event
@@ -17,6 +18,21 @@ metadata = MetaData()
 
 _engines: dict[tuple[int, str], Engine] = {}
 _engines_lock = threading.Lock()
+
+
+# SQLite's lock wait for a pooled connection unless its user sets another (set_busy_timeout).
+SQLITE_BUSY_TIMEOUT_MS = 5000
+
+
+def set_busy_timeout(connection: Any, lock_wait_ms: int) -> None:
+    """SQLite's lock wait on a pooled connection (SQLAlchemy's pool proxy, or the Connection's
+    `.connection`). The setting stays with the connection when it goes back to the pool, so each
+    user sets the wait it needs; the PRAGMA is sent only when the value changes (a statement per
+    use cost as much as the hook's own queries)."""
+    info = connection.info
+    if info.get("busy_timeout_ms") != lock_wait_ms:
+        connection.driver_connection.execute(f"PRAGMA busy_timeout={int(lock_wait_ms)}")
+        info["busy_timeout_ms"] = lock_wait_ms
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -50,18 +66,20 @@ def _create_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         engine = create_engine(
             # No pool_pre_ping: a SQLite "connection" is a file handle, a ping only costs time.
-            url, connect_args={"timeout": 5, "check_same_thread": False}
+            # `timeout` is SQLite's busy_timeout for a new connection.
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000, "check_same_thread": False},
         )
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_connection, _record):  # pragma: no cover - driver callback
+        def _sqlite_pragmas(dbapi_connection, record):  # pragma: no cover - driver callback
             cursor = dbapi_connection.cursor()
             # WAL: readers do not block the writer; FULL sync: an acknowledged commit survives
             # a power loss (feedback is acknowledged only after commit).
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=FULL")
-            cursor.execute("PRAGMA busy_timeout=5000")
             cursor.close()
+            record.info["busy_timeout_ms"] = SQLITE_BUSY_TIMEOUT_MS
 
         return engine
     return create_engine(

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Column, DateTime, Engine, Index, String, Table, delete, insert
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from .db import metadata
+from .db import SQLITE_BUSY_TIMEOUT_MS, metadata, set_busy_timeout
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,9 @@ class ReplayStore:
             self._ensure_schema(engine)
             try:
                 with engine.begin() as connection:
+                    if engine.dialect.name == "sqlite":
+                        # The pooled connection may carry a hook's short lock wait.
+                        set_busy_timeout(connection.connection, SQLITE_BUSY_TIMEOUT_MS)
                     connection.execute(
                         insert(jwt_replay_table).values(key_hash=key_hash, expires_at=expiry)
                     )

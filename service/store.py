@@ -74,7 +74,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .batch_writer import BatchWriter
 from .config import PREFIX, ConfigError
-from .db import database_url, engine_for, metadata
+from .db import database_url, engine_for, metadata, set_busy_timeout
 
 log = logging.getLogger(__name__)
 
@@ -293,15 +293,6 @@ def _sqlite_card_value(row: dict, column: str) -> object:
     if column == "suggestions":
         return json.dumps(value)
     return value
-
-
-def _set_busy_timeout(raw_connection: Any, lock_wait_ms: int) -> None:
-    """Per pooled connection, and only when it changes (a statement per use costs as much as
-    the hook's own queries)."""
-    info = raw_connection.info
-    if info.get("busy_timeout_ms") != lock_wait_ms:
-        raw_connection.driver_connection.execute(f"PRAGMA busy_timeout={int(lock_wait_ms)}")
-        info["busy_timeout_ms"] = lock_wait_ms
 
 
 class StoreUnavailable(Exception):
@@ -645,7 +636,7 @@ class Store:
         engine = self._ready_engine()
         with engine.begin() as connection:
             if self.dialect == "sqlite":
-                _set_busy_timeout(connection.connection, lock_wait_ms)
+                set_busy_timeout(connection.connection, lock_wait_ms)
             else:
                 # Transaction-local settings. synchronous_commit=on: an acknowledged commit is on
                 # disk whatever the server default is (feedback is acknowledged after commit).
@@ -782,7 +773,7 @@ class Store:
     def _sqlite_read(self, sql: str, parameters: tuple) -> list[tuple]:
         raw = self._ready_engine().raw_connection()
         try:
-            _set_busy_timeout(raw, HOOK_LOCK_WAIT_MS)
+            set_busy_timeout(raw, HOOK_LOCK_WAIT_MS)
             return raw.driver_connection.execute(sql, parameters).fetchall()
         finally:
             raw.close()
@@ -929,7 +920,7 @@ class Store:
             self._note_failure(error, "record_cards")
             return
         try:
-            _set_busy_timeout(raw, lock_wait_ms)
+            set_busy_timeout(raw, lock_wait_ms)
             driver = raw.driver_connection
             try:
                 for first, size in _insert_chunks(len(rows)):

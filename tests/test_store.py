@@ -481,3 +481,41 @@ def test_a_large_batch_of_cards_is_written_in_full_and_duplicates_are_skipped(tm
     store.wait_for_recording()
     assert count_rows(backend_url, "rpl_card") == 450
     assert set(store.issued_cards(card["uuid"] for card in cards[:3])) == {c["uuid"] for c in cards[:3]}
+
+
+def test_the_jwt_replay_check_waits_its_own_time_for_a_sqlite_lock_not_a_hooks(tmp_path):
+    """A pooled SQLite connection keeps the lock wait its last user set (a hook reads with
+    250 ms); the JWT replay check sets its own (service/db.py set_busy_timeout), so a write lock
+    held for under a second does not make it fail closed."""
+    import sqlite3
+    import threading
+    import time
+
+    from service.db import engine_for, set_busy_timeout
+    from service.replay import ReplayStore
+
+    url = f"sqlite:///{tmp_path / 'replay.sqlite'}"
+    store = bare_store(tmp_path, url)
+    engine = engine_for(store._app)
+    replay = ReplayStore(lambda: engine)
+    assert replay.claim("a" * 64, int(time.time()) + 60)  # schema ready, connection pooled
+    raw = engine.raw_connection()
+    set_busy_timeout(raw, store_module.HOOK_LOCK_WAIT_MS)  # as a hook leaves it
+    raw.close()
+    locked = threading.Event()
+
+    def hold_the_write_lock():
+        blocker = sqlite3.connect(tmp_path / "replay.sqlite", isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        locked.set()
+        time.sleep(0.8)
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    holder = threading.Thread(target=hold_the_write_lock)
+    holder.start()
+    locked.wait(5)
+    try:
+        assert replay.claim("b" * 64, int(time.time()) + 60)
+    finally:
+        holder.join()
