@@ -196,6 +196,8 @@ DATABASE_ERRORS = (SQLAlchemyError, CommandError)
 
 
 # The hook-path queries, built once (building a statement costs more than running it).
+# One statement per memory, the same on both backends (the SQLite text below is this, written
+# out): categories and order codes are filtered in Python, a patient has few such rows.
 _MEMORY_QUERY = (
     select(
         card_table.c.category,
@@ -213,23 +215,15 @@ _MEMORY_QUERY = (
     )
     .order_by(feedback_table.c.outcome_at.desc(), feedback_table.c.id.desc())
 )
-_MEMORY_QUERY_FOR_CATEGORIES = _MEMORY_QUERY.where(
-    card_table.c.category.in_(bindparam("categories", expanding=True))
-)
-_SHOWN_AT_SELECT_BASE = select(
+_SHOWN_AT_SELECT = select(
     card_table.c.rule_id, card_table.c.order_code, card_table.c.order_hash
 ).where(
     card_table.c.patient_pseudonym == bindparam("patient"),
+    # Equal, or both NULL (a hook without an encounter).
+    card_table.c.encounter_pseudonym.is_not_distinct_from(bindparam("encounter")),
     card_table.c.hook == "order-select",
-    card_table.c.order_code.in_(bindparam("codes", expanding=True)),
     card_table.c.issued_at >= bindparam("since"),
     card_table.c.issued_at <= bindparam("now"),
-)
-_SHOWN_AT_SELECT = _SHOWN_AT_SELECT_BASE.where(
-    card_table.c.encounter_pseudonym == bindparam("encounter")
-)
-_SHOWN_AT_SELECT_NO_ENCOUNTER = _SHOWN_AT_SELECT_BASE.where(
-    card_table.c.encounter_pseudonym.is_(None)
 )
 
 
@@ -738,89 +732,79 @@ class Store:
         now = self.clock()
         patient = self.pseudonym("patient", call.patient_id)
         encounter = self.pseudonym("encounter", call.encounter_id) if call.encounter_id else None
-        remembered: dict[str, RememberedOverride] = {}
-        shown_at_select: set[tuple[str, str, str]] = set()
-        wanted_categories = None if summary else categories
+        remember = (None if summary else categories) if use_memory else set()
         if self.dialect == "sqlite":
             try:
-                if use_memory:
-                    remembered = self._sqlite_remembered_overrides(patient, wanted_categories, now)
-                if dedup_codes:
-                    shown_at_select = self._sqlite_shown_at_select(patient, encounter, dedup_codes, now)
+                memories = self._memories(
+                    self._sqlite_rows, patient, encounter, remember, dedup_codes, now
+                )
             except SQLITE_ERRORS as error:
                 self._note_failure(error, "filter_findings")
                 return findings
             self._note_success()
-            return apply_memories(findings, hook, remembered, shown_at_select)
+            return apply_memories(findings, hook, *memories)
         with self._hook_transaction("filter_findings") as connection:
             if connection is None:
                 return findings
-            if use_memory:
-                remembered = self._remembered_overrides(connection, patient, wanted_categories, now)
-            if dedup_codes:
-                shown_at_select = self._shown_at_select(
-                    connection, patient, encounter, dedup_codes, now
-                )
-        return apply_memories(findings, hook, remembered, shown_at_select)
+            memories = self._memories(
+                lambda query, parameters: connection.execute(query, parameters).all(),
+                patient, encounter, remember, dedup_codes, now,
+            )
+        return apply_memories(findings, hook, *memories)
+
+    def _memories(
+        self,
+        read: Callable[[Any, dict], list],
+        patient: str,
+        encounter: str | None,
+        categories: set[str] | None,
+        codes: set[str],
+        now: datetime,
+    ) -> tuple[dict[str, RememberedOverride], set[tuple[str, str, str]]]:
+        """(remembered overrides, order-select cards shown) for one hook. `read(statement,
+        parameters)` runs one of the two statements on the backend. `categories`: those to
+        remember (None: every one; empty: no memory query); `codes`: the order codes to
+        de-duplicate (empty: no query)."""
+        remembered: dict[str, RememberedOverride] = {}
+        if categories is None or categories:
+            since = now - timedelta(days=self.options.override_memory_days)
+            rows = read(_MEMORY_QUERY, {"patient": patient, "since": since, "now": now})
+            remembered = self._overrides_from_rows(
+                row for row in rows if categories is None or row[0] in categories
+            )
+        shown: set[tuple[str, str, str]] = set()
+        if codes:
+            since = now - SELECT_SIGN_WINDOW
+            parameters = {"patient": patient, "encounter": encounter, "since": since, "now": now}
+            shown = {
+                (rule_id, order_code, order_hash)
+                for rule_id, order_code, order_hash in read(_SHOWN_AT_SELECT, parameters)
+                if order_code in codes
+            }
+            shown |= self._unwritten_select_cards(patient, encounter, codes, since, now)
+        return remembered, shown
 
     # SQLite: the hook path's reads and the card writer's inserts go straight to the pooled DBAPI
     # connection. Through SQLAlchemy Core each read cost ~95 us (transaction, compile cache,
     # bind processing) against ~13 us; with two reads per hook and a batch insert that was a
-    # quarter of a hook's CPU (bench/README.md). The SQL is the same as the Core statements
-    # above (categories and codes are filtered in Python: a patient has few such rows); the
-    # PostgreSQL path keeps the Core statements. The store tests run against both backends.
+    # quarter of a hook's CPU (bench/README.md). The SQL is the Core statements above, written
+    # out; the PostgreSQL path runs the Core statements. The store tests run on both backends.
 
-    def _sqlite_read(self, sql: str, parameters: tuple) -> list[tuple]:
+    def _sqlite_rows(self, statement: Any, parameters: dict) -> list[tuple]:
+        """One of the two statements on SQLite (UTC timestamps as SQLAlchemy stores them)."""
+        since, now = _sqlite_time(parameters["since"]), _sqlite_time(parameters["now"])
         raw = self._ready_engine().raw_connection()
         try:
             set_busy_timeout(raw, HOOK_LOCK_WAIT_MS)
-            return raw.driver_connection.execute(sql, parameters).fetchall()
+            driver = raw.driver_connection
+            if statement is _MEMORY_QUERY:
+                rows = driver.execute(_SQLITE_MEMORY_SQL, (parameters["patient"], since, now))
+                return [(c, r, o, _from_sqlite_time(at)) for c, r, o, at in rows]
+            return driver.execute(
+                _SQLITE_SHOWN_AT_SELECT_SQL, (parameters["patient"], parameters["encounter"], since, now)
+            ).fetchall()
         finally:
             raw.close()
-
-    def _sqlite_remembered_overrides(
-        self, patient: str, categories: set[str] | None, now: datetime
-    ) -> dict[str, RememberedOverride]:
-        since = now - timedelta(days=self.options.override_memory_days)
-        rows = self._sqlite_read(
-            _SQLITE_MEMORY_SQL, (patient, _sqlite_time(since), _sqlite_time(now))
-        )
-        return self._overrides_from_rows(
-            (category, rule_id, outcome, _from_sqlite_time(at))
-            for category, rule_id, outcome, at in rows
-            if categories is None or category in categories
-        )
-
-    def _sqlite_shown_at_select(
-        self, patient: str, encounter: str | None, codes: set[str], now: datetime
-    ) -> set[tuple[str, str, str]]:
-        since = now - SELECT_SIGN_WINDOW
-        rows = self._sqlite_read(
-            _SQLITE_SHOWN_AT_SELECT_SQL,
-            (patient, encounter, _sqlite_time(since), _sqlite_time(now)),
-        )
-        shown = {
-            (rule_id, order_code, order_hash)
-            for rule_id, order_code, order_hash in rows
-            if order_code in codes
-        }
-        return shown | self._unwritten_select_cards(patient, encounter, codes, since, now)
-
-    def _remembered_overrides(
-        self, connection: Connection, patient: str, categories: set[str] | None, now: datetime
-    ) -> dict[str, RememberedOverride]:
-        """Category -> the clinician's override, when the most recent feedback on a
-        not-recommended card for this patient and category (within the period) overrode it.
-        `categories` None: every category."""
-        days = self.options.override_memory_days
-        query = _MEMORY_QUERY if categories is None else _MEMORY_QUERY_FOR_CATEGORIES
-        parameters = {
-            "patient": patient,
-            "since": now - timedelta(days=days),
-            "now": now,
-            "categories": sorted(categories or ()),
-        }
-        return self._overrides_from_rows(connection.execute(query, parameters))
 
     def _overrides_from_rows(self, rows: Iterable[tuple]) -> dict[str, RememberedOverride]:
         """Rows (category, rule_id, outcome, outcome_at), newest first -> remembered overrides."""
@@ -839,26 +823,6 @@ class Store:
             for category, (rule_id, outcome, at) in sorted(latest.items())
             if outcome == "overridden"
         }
-
-    def _shown_at_select(
-        self,
-        connection: Connection,
-        patient: str,
-        encounter: str | None,
-        codes: set[str],
-        now: datetime,
-    ) -> set[tuple[str, str, str]]:
-        query = _SHOWN_AT_SELECT_NO_ENCOUNTER if encounter is None else _SHOWN_AT_SELECT
-        since = now - SELECT_SIGN_WINDOW
-        parameters = {
-            "patient": patient,
-            "encounter": encounter,
-            "codes": sorted(codes),
-            "since": since,
-            "now": now,
-        }
-        shown = {tuple(row) for row in connection.execute(query, parameters)}
-        return shown | self._unwritten_select_cards(patient, encounter, codes, since, now)
 
     def _unwritten_select_cards(
         self, patient: str, encounter: str | None, codes: set[str], since: datetime, now: datetime
