@@ -410,6 +410,8 @@ def _removed_chart(weeks: list[dict]) -> str:
 
 
 def openapi_paths(components: dict) -> dict:
+    from .openapi import error_response
+
     since = {
         "name": "since",
         "in": "query",
@@ -421,30 +423,9 @@ def openapi_paths(components: dict) -> dict:
                              {"type": "string", "maxLength": 0}]},
     }
     errors = {
-        "400": {
-            "description": "`since` is not a date.",
-            "content": {
-                "application/fhir+json": {
-                    "schema": {"$ref": "#/components/schemas/OperationOutcome"}
-                }
-            },
-        },
-        "401": {
-            "description": "Not authenticated.",
-            "content": {
-                "application/fhir+json": {
-                    "schema": {"$ref": "#/components/schemas/OperationOutcome"}
-                }
-            },
-        },
-        "503": {
-            "description": "Database unavailable.",
-            "content": {
-                "application/fhir+json": {
-                    "schema": {"$ref": "#/components/schemas/OperationOutcome"}
-                }
-            },
-        },
+        "400": error_response("`since` is not a date."),
+        "401": error_response("Not authenticated."),
+        "503": error_response("Database unavailable."),
     }
     return {
         "/analytics": {

@@ -143,17 +143,9 @@ def init_app(app) -> None:
 # OpenAPI (service/openapi.py collects this)
 
 
-def _outcome(description: str) -> dict:
-    return {
-        "description": description,
-        "content": {
-            "application/fhir+json": {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}
-        },
-    }
-
-
 def openapi_paths(components: dict) -> dict:
     from .analytics import openapi_paths as analytics_paths
+    from .openapi import error_response
 
     feedback = {
         "/cds-services/{id}/feedback": {
@@ -180,16 +172,16 @@ def openapi_paths(components: dict) -> dict:
                             }
                         },
                     },
-                    "400": _outcome(
+                    "400": error_response(
                         "Invalid body, unknown card, card of another service, or a suggestion "
                         "not on the card; the OperationOutcome names feedback[i] and the field."
                     ),
-                    "401": _outcome("Missing or invalid CDS Hooks JWT."),
-                    "404": _outcome("Unknown CDS Service id."),
-                    "413": _outcome("Body larger than RPL_CDS_MAX_BODY_BYTES."),
-                    "415": _outcome("Content-Type is not application/json."),
+                    "401": error_response("Missing or invalid CDS Hooks JWT."),
+                    "404": error_response("Unknown CDS Service id."),
+                    "413": error_response("Body larger than RPL_CDS_MAX_BODY_BYTES."),
+                    "415": error_response("Content-Type is not application/json."),
                     "503": {
-                        **_outcome("Database unavailable; nothing was stored. Retry later."),
+                        **error_response("Database unavailable; nothing was stored. Retry later."),
                         "headers": {
                             "Retry-After": {
                                 "description": "Seconds to wait before sending again.",

@@ -53,7 +53,8 @@ def _rewrite_refs(node):
     return node
 
 
-def _error(description: str) -> dict:
+def error_response(description: str) -> dict:
+    """An OpenAPI response whose body is an OperationOutcome (every error of this service)."""
     return {
         "description": description,
         "content": {
@@ -93,7 +94,7 @@ def build_openapi() -> dict:
                             }
                         },
                     },
-                    "401": _error(_ERROR_CODES["401"]),
+                    "401": error_response(_ERROR_CODES["401"]),
                 },
             }
         },
@@ -126,11 +127,11 @@ def build_openapi() -> dict:
                             }
                         },
                     },
-                    "412": _error(
+                    "412": error_response(
                         "Required FHIR data could not be obtained from prefetch or the FHIR "
                         "server; the OperationOutcome names the prefetch keys."
                     ),
-                    **{code: _error(text) for code, text in _ERROR_CODES.items()},
+                    **{code: error_response(text) for code, text in _ERROR_CODES.items()},
                 },
             }
         },
