@@ -606,6 +606,21 @@ def test_a_failing_rule_is_isolated_and_logged(monkeypatch, caplog):
     assert "tsh-missing" in caplog.text
 
 
+def test_a_levothyroxine_warning_without_tsh_leaves_other_treatment_warnings(monkeypatch):
+    """If the euthyroid check and the TSH lookup ever disagree, only the levothyroxine warning
+    (which must cite a TSH) is left out; the hCG warning of the same call still shows."""
+    facts = rpl(2, tsh_results=(tsh(2.0),),
+                interventions=(order(Category.LEVOTHYROXINE, "MedicationRequest/l1"),
+                               order(Category.HCG, "MedicationRequest/h1")))
+    before = {f.params["category"] for f in evaluate(facts, SIGN) if f.rule_id == "not-recommended-treatment"}
+    assert before == {"levothyroxine", "hcg"}
+    no_tsh = dataclasses.replace(rules_module.assess_thyroid(facts), tsh=None)
+    monkeypatch.setattr(rules_module, "assess_thyroid", lambda _facts: no_tsh)
+    monkeypatch.setattr(rules_module, "euthyroid_untreated", lambda _facts: True)
+    after = {f.params["category"] for f in evaluate(facts, SIGN) if f.rule_id == "not-recommended-treatment"}
+    assert after == {"hcg"}
+
+
 def test_findings_params_are_plain_json_values():
     import json
 
