@@ -521,15 +521,31 @@ def _summary(finding: Finding, lang: Lang, vars_: Mapping[str, Any]) -> str:
 
 
 def _quote_lines(finding: Finding, lang: Lang, knowledge: Knowledge) -> list[str]:
-    meta = knowledge.rules[finding.rule_id]
+    """The quoted card sentences and references of a rule (and, for order warnings, of the
+    order's category) in one language. They depend on nothing else, so each is built once per
+    knowledge object (kept with the lines: a reloaded knowledge gets its own)."""
+    key = (id(knowledge), finding.rule_id, finding.category, lang.code)
+    kept = _QUOTE_LINES.get(key)
+    if kept is None or kept[0] is not knowledge:
+        kept = (knowledge, tuple(_build_quote_lines(finding.rule_id, finding.category, lang, knowledge)))
+        if len(_QUOTE_LINES) < 1024:  # rules x categories x languages: a few hundred at most
+            _QUOTE_LINES[key] = kept
+    return list(kept[1])
+
+
+_QUOTE_LINES: dict[tuple, tuple[Knowledge, tuple[str, ...]]] = {}
+
+
+def _build_quote_lines(rule_id: str, category: Category | None, lang: Lang, knowledge: Knowledge) -> list[str]:
+    meta = knowledge.rules[rule_id]
     card_sentences = list(meta["card_sentences"])
     refs = list(meta["guideline_refs"])
     ambiguities = list(meta["ambiguities"])
-    if finding.category is not None and finding.rule_id in (
+    if category is not None and rule_id in (
         "not-recommended-test",
         "not-recommended-treatment",
     ):
-        entry = knowledge.not_recommended[finding.category]
+        entry = knowledge.not_recommended[category]
         card_sentences, refs, ambiguities = (
             list(entry.card_sentences),
             list(entry.refs),

@@ -127,6 +127,7 @@ KARYOTYPE_CATEGORY_IDS = frozenset({PARENTAL_KARYOTYPE_ID, Category.PREGNANCY_TI
 MISCARRIAGE_KIND = LossKind.MISCARRIAGE
 CATEGORY_BY_ID = {c.value: c for c in Category}
 NO_CONTEXT: tuple = ((), False, False, False)
+NO_CONCEPTS: frozenset[str] = frozenset()
 
 
 READ_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError)
@@ -722,22 +723,40 @@ def _condition(st: _State, r: dict) -> None:
 
 
 def _observation(st: _State, r: dict) -> None:
+    # Observations are most of a chart: this path avoids repeated lookups (the most common date
+    # field first, the value's concepts computed once, the Intervention built directly).
     status = r.get("status")
     if status is not None and status not in OBSERVATION_RESULT_STATUSES:
         return
-    ids = st.codes.concepts_for(r.get("code"))
+    codes = st.codes
+    code = r.get("code")
+    ids = codes.concepts_for(code)
     value_cc = r.get("valueCodeableConcept")
-    value_ids = st.codes.concepts_for(value_cc) if value_cc is not None else frozenset()
+    value_ids = codes.concepts_for(value_cc) if value_cc is not None else NO_CONCEPTS
     components = r.get("component")
     if not ids and not value_ids and not components:
         return
-    when = _first_date(r, "effectiveDateTime", "effectivePeriod", "effectiveInstant", "issued")
+    effective = r.get("effectiveDateTime")
+    if effective is not None:
+        when = _parse_date(effective)
+    else:
+        when = _first_date(r, "effectivePeriod", "effectiveInstant", "issued")
     ref = _ref(r)
 
-    for cid in st.codes.category_ids_in(ids):
-        match = st.codes.first_match(r.get("code"), cid)
-        _lab_result(st, r, cid, when, ref, match)
-        st.interventions.append(_intervention(st, r, None, cid, DONE, when, match=match, ref=ref))
+    for cid in codes.category_ids_in(ids):
+        match = codes.first_match(code, cid)
+        _lab_result(st, r, cid, when, ref, match, value_ids)
+        # As _intervention() builds it for a result: no order context, no dose, no resource.
+        st.interventions.append(
+            Intervention(
+                category=CATEGORY_BY_ID[cid],
+                state=DONE,
+                resource_ref=ref,
+                code_display=match[2] if match and match[2] else codes.label_of(cid),
+                code=(match[0], match[1]) if match else None,
+                when=when,
+            )
+        )
     if components:
         _components(st, r, components, when, ref)
     if ids or value_ids:
@@ -815,8 +834,10 @@ def _components(st: _State, r: dict, components: object, when: date | None, ref:
 
 
 def _lab_result(
-    st: _State, r: dict, cid: str, when: date | None, ref: str, match: tuple | None = None
+    st: _State, r: dict, cid: str, when: date | None, ref: str, match: tuple | None = None,
+    value_ids: frozenset[str] | None = None,
 ) -> None:
+    """`value_ids`: the concepts of r's valueCodeableConcept when the caller has them already."""
     if cid in KARYOTYPE_CATEGORY_IDS:
         _karyotype(st, r, cid)
         return
@@ -838,7 +859,7 @@ def _lab_result(
     low, high = _reference_range(r.get("referenceRange"))
     interpretation = (
         _interpretation(r.get("interpretation"))
-        or _qualitative(st, r)
+        or _qualitative(st, r, value_ids)
         or _range_interpretation(value, comparator, low, high)
     )
     if match is None:
@@ -858,10 +879,10 @@ def _lab_result(
     )
 
 
-def _qualitative(st: _State, r: dict) -> str | None:
+def _qualitative(st: _State, r: dict, value_ids: frozenset[str] | None = None) -> str | None:
     cc = r.get("valueCodeableConcept")
     if isinstance(cc, dict):
-        ids = st.codes.concepts_for(cc)
+        ids = st.codes.concepts_for(cc) if value_ids is None else value_ids
         if "result-positive" in ids:
             return "POS"
         if "result-negative" in ids:

@@ -39,3 +39,10 @@ def json_response(payload: object, status: int = 200) -> Response:
     `jsonify` is configured here), about five times faster than the standard library for a
     hook's cards."""
     return Response(_encoder.encode(payload), status=status, mimetype="application/json")
+
+
+def json_text(payload: object) -> str:
+    """Compact JSON text (UTF-8 characters as they are, keys in insertion order): what
+    `json.dumps(payload, separators=(",", ":"), ensure_ascii=False)` writes, about four times
+    faster (a float's exponent may be spelled differently: 1e20 for 1e+20)."""
+    return _encoder.encode(payload).decode()

@@ -15,12 +15,13 @@ A last safety net on the root handlers masks anything shaped like a JWT or a Bea
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
 
 from flask import Flask, Response, g, request
+
+from .json_codec import json_text
 
 REQUEST_LOGGER = "rpl_cds.request"
 log = logging.getLogger(REQUEST_LOGGER)
@@ -46,7 +47,7 @@ def _log_request(response: Response) -> Response:
     record = request_record(response.status_code)
     status = response.status_code
     level = logging.WARNING if status in (401, 403) or status >= 500 else logging.INFO
-    log.log(level, json.dumps(record, separators=(",", ":"), ensure_ascii=False))
+    log.log(level, json_text(record))
     return response
 
 

@@ -735,9 +735,8 @@ class Store:
         remember = (None if summary else categories) if use_memory else set()
         if self.dialect == "sqlite":
             try:
-                memories = self._memories(
-                    self._sqlite_rows, patient, encounter, remember, dedup_codes, now
-                )
+                with self._sqlite_reader() as read:
+                    memories = self._memories(read, patient, encounter, remember, dedup_codes, now)
             except SQLITE_ERRORS as error:
                 self._note_failure(error, "filter_findings")
                 return findings
@@ -790,19 +789,26 @@ class Store:
     # quarter of a hook's CPU (bench/README.md). The SQL is the Core statements above, written
     # out; the PostgreSQL path runs the Core statements. The store tests run on both backends.
 
-    def _sqlite_rows(self, statement: Any, parameters: dict) -> list[tuple]:
-        """One of the two statements on SQLite (UTC timestamps as SQLAlchemy stores them)."""
-        since, now = _sqlite_time(parameters["since"]), _sqlite_time(parameters["now"])
+    @contextmanager
+    def _sqlite_reader(self) -> Iterator[Callable[[Any, dict], list[tuple]]]:
+        """A reader for `_memories` on one pooled SQLite connection, checked out once for both
+        statements (UTC timestamps as SQLAlchemy stores them)."""
         raw = self._ready_engine().raw_connection()
         try:
             set_busy_timeout(raw, HOOK_LOCK_WAIT_MS)
             driver = raw.driver_connection
-            if statement is _MEMORY_QUERY:
-                rows = driver.execute(_SQLITE_MEMORY_SQL, (parameters["patient"], since, now))
-                return [(c, r, o, _from_sqlite_time(at)) for c, r, o, at in rows]
-            return driver.execute(
-                _SQLITE_SHOWN_AT_SELECT_SQL, (parameters["patient"], parameters["encounter"], since, now)
-            ).fetchall()
+
+            def read(statement: Any, parameters: dict) -> list[tuple]:
+                since, now = _sqlite_time(parameters["since"]), _sqlite_time(parameters["now"])
+                if statement is _MEMORY_QUERY:
+                    rows = driver.execute(_SQLITE_MEMORY_SQL, (parameters["patient"], since, now))
+                    return [(c, r, o, _from_sqlite_time(at)) for c, r, o, at in rows]
+                return driver.execute(
+                    _SQLITE_SHOWN_AT_SELECT_SQL,
+                    (parameters["patient"], parameters["encounter"], since, now),
+                ).fetchall()
+
+            yield read
         finally:
             raw.close()
 
