@@ -26,7 +26,7 @@ from typing import Any
 
 from fhir_mappings.facts import Category, PatientFacts
 
-from .findings import Finding
+from .findings import ORDER_RULE_IDS, Finding
 from .knowledge import SUMMARY_LIMIT, Knowledge, load_knowledge, summary_var_max
 
 log = logging.getLogger(__name__)
@@ -520,20 +520,15 @@ def _summary(finding: Finding, lang: Lang, vars_: Mapping[str, Any]) -> str:
     return text if len(text) < SUMMARY_LIMIT else text[: SUMMARY_LIMIT - 2] + "…"
 
 
-def _quote_lines(finding: Finding, lang: Lang, knowledge: Knowledge) -> list[str]:
-    """The quoted card sentences and references of a rule (and, for order warnings, of the
-    order's category) in one language. They depend on nothing else, so each is built once per
-    knowledge object (kept with the lines: a reloaded knowledge gets its own)."""
-    key = (id(knowledge), finding.rule_id, finding.category, lang.code)
-    kept = _QUOTE_LINES.get(key)
-    if kept is None or kept[0] is not knowledge:
-        kept = (knowledge, tuple(_build_quote_lines(finding.rule_id, finding.category, lang, knowledge)))
-        if len(_QUOTE_LINES) < 1024:  # rules x categories x languages: a few hundred at most
-            _QUOTE_LINES[key] = kept
-    return list(kept[1])
-
-
-_QUOTE_LINES: dict[tuple, tuple[Knowledge, tuple[str, ...]]] = {}
+def _quote_lines(finding: Finding, lang: Lang, knowledge: Knowledge) -> tuple[str, ...]:
+    """The quoted card sentences and references of a rule (for order warnings: of the order's
+    category) in one language. They depend on nothing else, so each is built once."""
+    category = finding.category if finding.rule_id in ORDER_RULE_IDS else None
+    key = (finding.rule_id, category, lang.code)
+    lines = knowledge.quote_lines.get(key)
+    if lines is None:
+        lines = knowledge.quote_lines[key] = tuple(_build_quote_lines(finding.rule_id, category, lang, knowledge))
+    return lines
 
 
 def _build_quote_lines(rule_id: str, category: Category | None, lang: Lang, knowledge: Knowledge) -> list[str]:
@@ -541,10 +536,7 @@ def _build_quote_lines(rule_id: str, category: Category | None, lang: Lang, know
     card_sentences = list(meta["card_sentences"])
     refs = list(meta["guideline_refs"])
     ambiguities = list(meta["ambiguities"])
-    if category is not None and rule_id in (
-        "not-recommended-test",
-        "not-recommended-treatment",
-    ):
+    if category is not None:
         entry = knowledge.not_recommended[category]
         card_sentences, refs, ambiguities = (
             list(entry.card_sentences),

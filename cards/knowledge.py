@@ -13,7 +13,7 @@ import json
 import re
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from types import MappingProxyType
@@ -73,6 +73,9 @@ class Knowledge:
     selection_behavior: str
     texts: Mapping[str, Mapping[str, Any]]  # language -> {common, categories, override_reasons, rules}
     default_language: str
+    # Card quote lines by (rule id, category, language), filled by cards.build on first use: they
+    # depend only on this knowledge, so they live and die with it.
+    quote_lines: dict[tuple, tuple[str, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     def language(self, requested: str | None) -> str:
         """The requested language when we have texts for it, else the default (Dutch)."""

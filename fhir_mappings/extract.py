@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-from .codes import CodeTables, load_code_tables
+from .codes import EMPTY, CodeTables, load_code_tables
 from .facts import (
     APL_TESTS,
     COUNTED_LOSS_KINDS,
@@ -127,7 +127,6 @@ KARYOTYPE_CATEGORY_IDS = frozenset({PARENTAL_KARYOTYPE_ID, Category.PREGNANCY_TI
 MISCARRIAGE_KIND = LossKind.MISCARRIAGE
 CATEGORY_BY_ID = {c.value: c for c in Category}
 NO_CONTEXT: tuple = ((), False, False, False)
-NO_CONCEPTS: frozenset[str] = frozenset()
 
 
 READ_ERRORS = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError)
@@ -723,8 +722,7 @@ def _condition(st: _State, r: dict) -> None:
 
 
 def _observation(st: _State, r: dict) -> None:
-    # Observations are most of a chart: this path avoids repeated lookups (the most common date
-    # field first, the value's concepts computed once, the Intervention built directly).
+    # The value's concepts are worked out once: the lab result's qualitative reading uses them too.
     status = r.get("status")
     if status is not None and status not in OBSERVATION_RESULT_STATUSES:
         return
@@ -732,31 +730,17 @@ def _observation(st: _State, r: dict) -> None:
     code = r.get("code")
     ids = codes.concepts_for(code)
     value_cc = r.get("valueCodeableConcept")
-    value_ids = codes.concepts_for(value_cc) if value_cc is not None else NO_CONCEPTS
+    value_ids = codes.concepts_for(value_cc) if value_cc is not None else EMPTY
     components = r.get("component")
     if not ids and not value_ids and not components:
         return
-    effective = r.get("effectiveDateTime")
-    if effective is not None:
-        when = _parse_date(effective)
-    else:
-        when = _first_date(r, "effectivePeriod", "effectiveInstant", "issued")
+    when = _first_date(r, "effectiveDateTime", "effectivePeriod", "effectiveInstant", "issued")
     ref = _ref(r)
 
     for cid in codes.category_ids_in(ids):
         match = codes.first_match(code, cid)
         _lab_result(st, r, cid, when, ref, match, value_ids)
-        # As _intervention() builds it for a result: no order context, no dose, no resource.
-        st.interventions.append(
-            Intervention(
-                category=CATEGORY_BY_ID[cid],
-                state=DONE,
-                resource_ref=ref,
-                code_display=match[2] if match and match[2] else codes.label_of(cid),
-                code=(match[0], match[1]) if match else None,
-                when=when,
-            )
-        )
+        st.interventions.append(_intervention(st, r, None, cid, DONE, when, match=match, ref=ref))
     if components:
         _components(st, r, components, when, ref)
     if ids or value_ids:

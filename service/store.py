@@ -72,14 +72,16 @@ from sqlalchemy import (
 from alembic.util import CommandError
 from sqlalchemy.exc import SQLAlchemyError
 
+from cards.findings import ORDER_RULE_IDS
+
 from .batch_writer import BatchWriter
 from .config import PREFIX, ConfigError
 from .db import database_url, engine_for, metadata, set_busy_timeout
 
 log = logging.getLogger(__name__)
 
-# Rules whose warnings the override memory applies to (cards.findings.ORDER_RULE_IDS).
-NOT_RECOMMENDED_RULES = ("not-recommended-test", "not-recommended-treatment")
+# Rules whose warnings the override memory applies to.
+NOT_RECOMMENDED_RULES = ORDER_RULE_IDS
 # The patient-view summary card's rule: it mentions remembered overrides.
 SUMMARY_RULE = "rpl-summary"
 # An order session (select ... sign) is short; a select-time card older than this is not matched.
