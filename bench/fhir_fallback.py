@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import re
 import statistics
 import time
 from urllib.parse import urlsplit
 
 from bench.synthetic import PRACTITIONER_ID, fhir_batch, patient_record
+from service.services import substitute_tokens
 
 
 class FhirHttp:
@@ -62,8 +62,11 @@ def load_patient(base_url: str, size: int, patient_id: str) -> int:
 
 
 def fill_template(template: str, patient_id: str) -> str:
-    values = {"context.patientId": patient_id, "userPractitionerId": PRACTITIONER_ID}
-    return re.sub(r"\{\{\s*([A-Za-z.]+)\s*\}\}", lambda m: values.get(m.group(1), ""), template)
+    """The query the service sends for `template` (its own token substitution)."""
+    query = substitute_tokens(template, {"patientId": patient_id, "userId": f"Practitioner/{PRACTITIONER_ID}"})
+    if query is None:
+        raise RuntimeError(f"template {template!r} needs a token the bench does not fill")
+    return query
 
 
 def fetch_all_pages(client: FhirHttp, query: str, max_pages: int = 50) -> tuple[int, int]:

@@ -19,6 +19,8 @@ from datetime import date, timedelta
 
 import orjson
 
+from service.services import search_key_by_resource_type, service_id_by_hook
+
 LOINC = "http://loinc.org"
 SNOMED = "http://snomed.info/sct"
 ATC = "http://www.whocc.no/atc"
@@ -80,21 +82,10 @@ MIX = {
     "Procedure": 0.04,
     "FamilyMemberHistory": 0.02,
 }
-PREFETCH_KEY_BY_TYPE = {
-    "Condition": "conditions",
-    "Observation": "observations",
-    "ServiceRequest": "serviceRequests",
-    "MedicationRequest": "medicationRequests",
-    "MedicationAdministration": "medicationAdministrations",
-    "Procedure": "procedures",
-    "FamilyMemberHistory": "familyHistory",
-}
-HOOKS = ("patient-view", "order-select", "order-sign")
-SERVICE_ID_BY_HOOK = {
-    "patient-view": "rpl-patient-view",
-    "order-select": "rpl-order-select",
-    "order-sign": "rpl-order-sign",
-}
+# From the service's own discovery data, so the bench fills the keys the service reads.
+PREFETCH_KEY_BY_TYPE = search_key_by_resource_type()
+SERVICE_ID_BY_HOOK = service_id_by_hook()
+HOOKS = tuple(SERVICE_ID_BY_HOOK)
 
 
 def patient_record(size: int, patient_id: str = PATIENT_ID, seed: int = 2022,

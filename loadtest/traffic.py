@@ -19,23 +19,13 @@ from datetime import UTC, datetime, timedelta
 from fhir_mappings.codes import load_code_tables
 from service.playground import build_hook_request
 from service.scenarios import all_scenarios, bundle_resources
-from service.services import load_services
+from service.services import load_services, search_key_by_resource_type
 
-SERVICE_ID_BY_HOOK = {
-    "patient-view": "rpl-patient-view",
-    "order-select": "rpl-order-select",
-    "order-sign": "rpl-order-sign",
-}
 PATIENTS_PER_SCENARIO = 200
 # Unrelated history a real chart carries (the guideline ignores it; the service must read past it).
 FILLER_SYSTEM = "http://example.org/fhir/CodeSystem/rpl-cds-loadtest-filler"
+SEARCH_KEY_BY_TYPE = search_key_by_resource_type()
 FILLER_PER_KEY = {"Condition": 25, "ServiceRequest": 20, "MedicationRequest": 20, "Procedure": 10}
-FILLER_KEY = {
-    "Condition": "conditions",
-    "ServiceRequest": "serviceRequests",
-    "MedicationRequest": "medicationRequests",
-    "Procedure": "procedures",
-}
 OVERRIDE_REASON_SYSTEM = "https://example.org/cds-hooks/override-reason"
 _PATIENT_TOKEN = "__loadtest_patient__"
 _INSTANCE_TOKEN = "00000000-0000-4000-8000-00000000f00d"
@@ -111,7 +101,7 @@ def hook_templates(seed: int = 2022) -> list[HookTemplate]:
                     hook_instance=_INSTANCE_TOKEN,
                 )
                 for resource_type, items in _filler(f"Patient/{patient['id']}", rng).items():
-                    bundle = body["prefetch"][FILLER_KEY[resource_type]]
+                    bundle = body["prefetch"][SEARCH_KEY_BY_TYPE[resource_type]]
                     bundle["entry"].extend({"fullUrl": f"urn:uuid:{uuid.UUID(int=rng.getrandbits(128))}",
                                             "resource": item} for item in items)
                     bundle["total"] = len(bundle["entry"])

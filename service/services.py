@@ -70,6 +70,21 @@ def _services_data() -> dict:
     return json.loads(text)
 
 
+def service_id_by_hook() -> dict[str, str]:
+    """Hook -> the id of the CDS Service that answers it (services.json; one per hook)."""
+    return {item["hook"]: item["id"] for item in _services_data()["services"]}
+
+
+def search_key_by_resource_type() -> dict[str, str]:
+    """Resource type -> the prefetch key whose template searches it ("Condition" ->
+    "conditions"), in discovery order: where an EHR fulfilling the prefetch puts each resource."""
+    return {
+        spec["template"].split("?", 1)[0]: key
+        for key, spec in _services_data()["prefetch"].items()
+        if "?" in spec["template"]
+    }
+
+
 def load_services(observation_codes: list[str]) -> dict[str, CdsService]:
     """Build the service registry; `observation_codes` ("system|code") bound the Observation search."""
     data = _services_data()

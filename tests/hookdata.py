@@ -10,15 +10,17 @@ SERVICE_FOR_HOOK = {
     "order-select": "rpl-order-select",
     "order-sign": "rpl-order-sign",
 }
-SEARCH_KEYS = (
-    "conditions",
-    "observations",
-    "serviceRequests",
-    "medicationRequests",
-    "medicationAdministrations",
-    "procedures",
-    "familyHistory",
-)
+# The prefetch searches the service declares (pinned against discovery in tests/test_discovery.py).
+SEARCH_KEY_BY_TYPE = {
+    "Condition": "conditions",
+    "Observation": "observations",
+    "ServiceRequest": "serviceRequests",
+    "MedicationRequest": "medicationRequests",
+    "MedicationAdministration": "medicationAdministrations",
+    "Procedure": "procedures",
+    "FamilyMemberHistory": "familyHistory",
+}
+SEARCH_KEYS = tuple(SEARCH_KEY_BY_TYPE.values())
 
 
 def searchset(resources: list[dict]) -> dict:
@@ -38,18 +40,9 @@ def full_prefetch(
     resources: list[dict], patient_resource: dict | None = None, practitioner: dict | None = None
 ) -> dict:
     """Sort resources into the service's prefetch keys, as an EHR fulfilling them would."""
-    by_type = {
-        "Condition": "conditions",
-        "Observation": "observations",
-        "ServiceRequest": "serviceRequests",
-        "MedicationRequest": "medicationRequests",
-        "MedicationAdministration": "medicationAdministrations",
-        "Procedure": "procedures",
-        "FamilyMemberHistory": "familyHistory",
-    }
     grouped: dict[str, list[dict]] = {key: [] for key in SEARCH_KEYS}
     for resource in resources:
-        grouped[by_type[resource["resourceType"]]].append(resource)
+        grouped[SEARCH_KEY_BY_TYPE[resource["resourceType"]]].append(resource)
     prefetch = {key: searchset(items) for key, items in grouped.items()}
     prefetch["patient"] = patient_resource or patient()
     # The optional user key: null = "no data" (the EHR has no Practitioner for this user).

@@ -3,13 +3,9 @@
 import re
 
 from service.validation import validator
-from tests.hookdata import hook_request
+from tests.hookdata import SEARCH_KEY_BY_TYPE, SERVICE_FOR_HOOK, hook_request
 
-EXPECTED = {
-    "rpl-patient-view": "patient-view",
-    "rpl-order-select": "order-select",
-    "rpl-order-sign": "order-sign",
-}
+EXPECTED = {service_id: hook for hook, service_id in SERVICE_FOR_HOOK.items()}
 TOKEN = re.compile(r"\{\{\s*([^}]+?)\s*\}\}")
 ALLOWED_TOKENS = {
     "context.userId", "context.patientId", "context.encounterId",
@@ -29,6 +25,21 @@ def _no_empty_values(node, path="$"):
             _no_empty_values(value, f"{path}[{i}]")
     elif isinstance(node, str):
         assert node.strip(), f"empty string at {path}"
+
+
+def test_each_prefetch_search_is_the_key_the_tests_and_the_bench_fill(client):
+    """The search templates name the keys tests/hookdata.py (and, from services.json, the bench)
+    sort resources into: a renamed key would otherwise leave test prefetch unread."""
+    from service.services import search_key_by_resource_type
+
+    for service in client.get("/cds-services").get_json()["services"]:
+        searches = {
+            template.split("?", 1)[0]: key
+            for key, template in service["prefetch"].items()
+            if "?" in template
+        }
+        assert searches == SEARCH_KEY_BY_TYPE
+    assert search_key_by_resource_type() == SEARCH_KEY_BY_TYPE
 
 
 def test_discovery_lists_the_three_services_with_stable_ids(client):

@@ -31,13 +31,9 @@ from service import create_app
 from service.config import Settings
 from service.integration_cli import fill_template, hook_context, scenario_patient_id
 from service.scenarios import all_scenarios, bundle_resources, load_scenario, scenario_names
+from tests.hookdata import SERVICE_FOR_HOOK
 from tests.openapi_check import assert_matches_openapi
 
-SERVICE_FOR_HOOK = {
-    "patient-view": "rpl-patient-view",
-    "order-select": "rpl-order-select",
-    "order-sign": "rpl-order-sign",
-}
 TIMEZONE = Settings().timezone
 # Code systems that carry FHIR structure, not clinical meaning (statuses, flags, units).
 STRUCTURAL_SYSTEMS = {
