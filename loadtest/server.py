@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,6 @@ from sqlalchemy import create_engine, text
 from service.db import sqlalchemy_url
 
 ROOT = Path(__file__).resolve().parent.parent
-PG_HOST, PG_PORT = "127.0.0.1", 5432
 
 
 @dataclass
@@ -89,23 +87,10 @@ def database(postgres: bool, workdir: Path) -> Iterator[str]:
     if not postgres:
         yield f"sqlite:///{workdir / 'loadtest.sqlite'}"
         return
-    import psycopg
+    from tests.support.postgres import scratch_database
 
-    admin = None
-    for user in ("root", "postgres"):
-        with contextlib.suppress(psycopg.Error):
-            admin = psycopg.connect(host=PG_HOST, port=PG_PORT, user=user, dbname="postgres",
-                                    autocommit=True, connect_timeout=3)
-            break
-    if admin is None:
-        raise RuntimeError(f"PostgreSQL is not reachable at {PG_HOST}:{PG_PORT} (trust auth expected)")
-    name = f"rplcds_load_{uuid.uuid4().hex[:10]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://{admin.info.user}@{PG_HOST}:{PG_PORT}/{name}"
-    finally:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
+    with scratch_database("rplcds_load") as url:
+        yield url
 
 
 def _engine(url: str):

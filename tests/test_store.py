@@ -20,6 +20,7 @@ from fhir_mappings.facts import Category, Intervention, InterventionState
 from service import store as store_module
 from service.config import ConfigError, Settings
 from service.db import sqlalchemy_url
+from tests.support.postgres import PostgresUnavailable, absent_database, scratch_database
 from service.store import (
     Store,
     apply_memories,
@@ -34,63 +35,26 @@ from service.store import (
 # Backends: every storage test runs on SQLite and on the real PostgreSQL at 127.0.0.1:5432, each
 # in a database of its own (a fresh `rplcds_test_<random>` database, dropped afterwards).
 
-PG_HOST = "127.0.0.1"
-PG_PORT = 5432
-
-
-def _pg_admin():
-    import psycopg
-
-    for user in ("root", "postgres"):
-        try:
-            connection = psycopg.connect(
-                host=PG_HOST, port=PG_PORT, user=user, dbname="postgres", connect_timeout=2,
-                autocommit=True,
-            )
-            return connection, user
-        except psycopg.Error:
-            continue
-    return None, None
-
-
-def postgres_user() -> str | None:
-    connection, user = _pg_admin()
-    if connection is None:
-        return None
-    connection.close()
-    return user
-
-
 @contextlib.contextmanager
 def fresh_postgres_database():
     """Yields the URL of a new, empty database; drops it (forcibly) afterwards."""
-    connection, user = _pg_admin()
-    if connection is None:
-        pytest.skip("PostgreSQL is not running at 127.0.0.1:5432")
-    name = f"rplcds_test_{uuid.uuid4().hex[:12]}"
-    connection.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{name}"
-    finally:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        connection.close()
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(scratch_database("rplcds_test"))
+        except PostgresUnavailable as error:
+            pytest.skip(str(error))
+        yield url
 
 
 @contextlib.contextmanager
 def absent_postgres_database():
     """Yields (url, create): a database that does not exist until create() is called."""
-    connection, user = _pg_admin()
-    if connection is None:
-        pytest.skip("PostgreSQL is not running at 127.0.0.1:5432")
-    name = f"rplcds_test_{uuid.uuid4().hex[:12]}"
-    try:
-        yield (
-            f"postgresql://{user}@{PG_HOST}:{PG_PORT}/{name}",
-            lambda: connection.execute(f'CREATE DATABASE "{name}"'),
-        )
-    finally:
-        connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        connection.close()
+    with contextlib.ExitStack() as stack:
+        try:
+            url_and_create = stack.enter_context(absent_database("rplcds_test"))
+        except PostgresUnavailable as error:
+            pytest.skip(str(error))
+        yield url_and_create
 
 
 @contextlib.contextmanager
