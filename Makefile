@@ -46,7 +46,7 @@ test: install node-deps browser-deps
 docs: install
 	$(BIN)/rpl-cds rules --format markdown > docs/rules.md
 
-# Benchmark (not part of make test): `make bench` (~8 min) or `make bench BENCH_ARGS=--quick` (~2 min).
+# Benchmark (not part of make test): `make bench` (~6 min) or `make bench BENCH_ARGS=--quick` (1-2 min).
 bench: install node-deps
 	$(BIN)/python -m bench $(BENCH_ARGS)
 

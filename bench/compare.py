@@ -1,11 +1,12 @@
 """A/B runs of tuning proposals: the bench under several configurations, one table.
 
     python -m bench.compare --sizes 100,1000,10000 --hooks order-sign \
-        baseline "gc=BENCH_GC_FREEZE=1 BENCH_GC_THRESHOLD=50000,20,20" \
+        baseline "nostore=BENCH_NO_STORE=1" \
         "switch=BENCH_SWITCH_INTERVAL=0.0005" "threads1=RPL_CDS_THREADS=1"
 
-Each configuration is `name=VAR=value VAR=value` (or `baseline`); all run with
-bench/tuned_gunicorn_conf.py, whose knobs are off unless set. Configurations are run in turn,
+Each configuration is `name=VAR=value VAR=value` (or `baseline`), any environment variables; all
+run with bench/tuned_gunicorn_conf.py, whose probes are off unless set. Each configuration starts
+from the environment the command was started with. Configurations are run in turn,
 `--rounds` times (interleaved, so that a change in the machine's background load hits all of
 them alike), and the medians are reported.
 """
@@ -21,9 +22,6 @@ from pathlib import Path
 
 from bench import run
 
-KNOBS = ("BENCH_GC_FREEZE", "BENCH_GC_THRESHOLD", "BENCH_SWITCH_INTERVAL", "BENCH_NO_STORE", "BENCH_LARGE_BODY_LIMIT",
-         "RPL_CDS_THREADS",
-         "RPL_CDS_WORKERS", "RPL_CDS_DATABASE_URL", "RPL_CDS_OVERRIDE_MEMORY_DAYS", "RPL_CDS_SELECT_SIGN_DEDUP")
 
 
 def parse_config(text: str) -> tuple[str, dict[str, str]]:
@@ -43,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configs = [parse_config(c) for c in args.configs]
     figures: dict[tuple[str, str, int], dict[str, list[float]]] = {}
-    saved = {k: os.environ.get(k) for k in KNOBS}
+    saved = dict(os.environ)
     for _ in range(args.rounds):
         for name, env in configs:
-            for key in KNOBS:
-                os.environ.pop(key, None)
+            os.environ.clear()
+            os.environ.update(saved)
             os.environ.update(env)
             out = Path(tempfile.mkdtemp(prefix=f"rpl-bench-{name}-"))
             run.main(["--quick", "--no-fhir", "--no-echo", "--sizes", args.sizes, "--hooks", args.hooks,
@@ -66,11 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             slot.setdefault("start", []).extend(results["startup"]["cold_s"])
             slot.setdefault("rss", []).append(results["memory"].get("peak_max_rss_mb") or float("nan"))
             slot.setdefault("db_busy", []).append(sum(results.get("log_findings", {}).values()))
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    os.environ.clear()
+    os.environ.update(saved)
     print("\n| config | hook | size | worker CPU ms/req | throughput req/s | 1-client p50 ms | paced p50 ms | paced p99 ms |")
     print("|---|---|---|---|---|---|---|---|")
     for (name, hook, size), slot in sorted(figures.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):

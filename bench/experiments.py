@@ -1,4 +1,4 @@
-"""In-process A/B experiments behind the optimisation proposals (bench/README.md, "Proposals").
+"""In-process A/B experiments behind the optimisation work (bench/README.md, "Tools for the optimisation work").
 
     python -m bench.experiments gc  [--size 10000] [--hook order-sign]   # garbage-collector settings
     python -m bench.experiments gil [--size 100] [--threads 4]           # GIL hand-offs in a threaded worker

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
 import pstats
 import shutil
 import subprocess
@@ -206,28 +205,18 @@ def under_gunicorn(args) -> None:
            "RPL_CDS_PSEUDONYM_SECRET": "bench", "RPL_CDS_MAX_BODY_BYTES": str(64 * 2**20),
            "BENCH_PROFILE_DIR": str(prof_dir)}
     app = servers.ECHO_APP if args.echo else servers.SERVICE_APP
-    port = servers.free_port()
-    env["RPL_CDS_BIND"] = f"127.0.0.1:{port}"
-    gunicorn = Path(sys.executable).with_name("gunicorn")
-    with open(workdir / "gunicorn.log", "w") as log:
-        proc = subprocess.Popen([str(gunicorn), "-c", "bench/profile_gunicorn_conf.py", app], cwd=servers.ROOT,
-                                env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    server = servers.start_gunicorn(app, workdir, env, "profile", config="bench/profile_gunicorn_conf.py")
     try:
-        for _ in range(600):
-            if servers.http_status("127.0.0.1", port, "/cds-services") == 200:
-                break
-            time.sleep(0.05)
-        server = servers.Gunicorn(proc, port, 0.0, workdir / "gunicorn.log")
         raw = run_load({"base_url": server.base_url, "path": f"/cds-services/{SERVICE_ID_BY_HOOK[args.hook]}",
                         "hook": args.hook, "size": args.size, "clients": args.clients, "runs": 1,
                         "duration_s": args.duration, "warmup_s": 0, "max_requests": 10**6, "paced_fraction": 0})
         done = sum(r["completed"] for r in raw["runs"])
         print(f"{done} requests in {args.duration} s with {args.clients} clients; first {raw['first_response']}")
     finally:
-        servers.stop_process(proc)
+        servers.stop_process(server.proc)
     files = sorted(prof_dir.glob("*.prof"))
     if not files:
-        print("no profiles written; see", workdir / "gunicorn.log")
+        print("no profiles written; see", server.log_path)
         return
     stats = pstats.Stats(str(files[0]))
     for extra in files[1:]:

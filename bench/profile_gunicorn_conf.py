@@ -7,7 +7,7 @@ cProfile sees one thread only, so every gthread pool thread gets its own profile
 (accept/poll loop) gets one too. The clock is the thread's CPU time (BENCH_PROFILE_CLOCK=cpu,
 the default), so waiting for the GIL, a lock or I/O does not count; BENCH_PROFILE_CLOCK=wall
 counts it. On worker exit (SIGTERM to the master) all are merged into
-<dir>/worker-<pid>.prof; read it with `python -m bench.profile_hook --stats <file>`.
+<dir>/worker-<pid>.prof; read it with `python -m bench.profile --stats <file>`.
 """
 
 import os
