@@ -46,19 +46,19 @@ APL_REPEAT_INTERVAL = timedelta(days=84)  # A4: "herhalen na 12 weken" = at leas
 PREGNANCY_TSH_UPPER_OFFSET = 0.5  # A3: pregnancy = usual reference values minus 0.5 mIU/L
 SCH_CONSIDER_ABOVE = 4.0  # A3: subclinical hypothyroidism, TSH 4-10: consider (shared decision)
 SCH_TREAT_ABOVE = 10.0  # A3: subclinical hypothyroidism, TSH > 10: treatment recommended
-# rpl-cds choices where the card and guideline.md give no number (for clinical sign-off; see the
-# rule's "verification" in cards/data/rules.json):
-THYROID_PAIRING = timedelta(days=30)  # rpl-cds choice: FT4 and TSH sampled within 30 days belong together
 KARYOTYPE_AGE_BELOW = 35  # footnote *: "jonger dan 35 jaar"
 KARYOTYPE_MIN_LOSSES = 3  # footnote *: "≥ 3 miskramen"
 PROGESTERONE_MIN_LOSSES = 3  # "Bij ≥3 miskramen + bloedverlies ≤ AD 12 weken"
 PROGESTERONE_BLEEDING_UNTIL = weeks_days(12)  # bleeding onset at or before 12+0 weeks
 PROGESTERONE_UNTIL = weeks_days(16)  # "tot AD 16wk": indicated while GA < 16+0
 ANTI_D_FROM = weeks_days(10)  # leaflet: "bij een miskraam na 10 weken" = from 10+0 (NHG: >= 10 wk)
-FIRST_TRIMESTER_END = weeks_days(12)  # A8: second trimester from 12+0
 MISCARRIAGE_WINDOW_END = weeks_days(24)  # A1: a loss is a loss before 24+0 weeks
-LONGEST_PREGNANCY = weeks_days(42)  # rpl-cds choice: to date a pregnancy whose age is unknown
-EUTHYROID_EVIDENCE_MAX_AGE = timedelta(days=365)  # rpl-cds choice: R14 warnings rest on a TSH of the past year
+# rpl-cds choices where the card and guideline.md give no number (for clinical sign-off; each is
+# named in the rule's "verification" in cards/data/rules.json or in the card itself):
+THYROID_PAIRING = timedelta(days=30)  # FT4 and TSH sampled within 30 days belong together
+LONGEST_PREGNANCY = weeks_days(42)  # pregnancy of unknown age: a TSH of the past 42 weeks falls in it (A3 limit)
+EUTHYROID_EVIDENCE_MAX_AGE = timedelta(days=365)  # R14 warnings rest on a TSH of the past year
+FIRST_TRIMESTER_END = weeks_days(12)  # early-pregnancy support until 12+0 (said so in the card)
 
 
 # =============================================================================================
@@ -188,8 +188,9 @@ def apl_series(facts: PatientFacts, category: Category) -> AplSeries:
     first positive sample of the episode (a repeat after 83 days does not count).
 
     Several rules and the summary ask for the same series (about 20 times per patient-view): it is
-    worked out once per facts object and kept in the object's own dict. Facts are frozen, so the
-    kept value cannot go stale. At 10,000 resources this took evaluation from 29 to 7 ms (a
+    worked out once per facts object and kept in the object's own dict. The facts are never changed
+    after extraction (PatientFacts is frozen; the lab results inside it are plain slotted
+    dataclasses that nothing mutates), so the kept value cannot go stale. At 10,000 resources this took evaluation from 29 to 7 ms (a
     grouping of the results per test alone: 29 to 23 ms). It needs PatientFacts to keep a
     `__dict__` (no slots): tests/test_rules.py calls this directly, so such a change fails there
     loudly rather than inside evaluate(), which would drop the rule."""

@@ -259,6 +259,18 @@ def _first_date(resource: dict, *names: str) -> date | None:
     return None
 
 
+def _first_readable_date(resource: dict, *names: str) -> date | None:
+    """As _first_date, passing over fields that cannot be read."""
+    for name in names:
+        try:
+            found = _first_date(resource, name)
+        except READ_ERRORS:
+            continue
+        if found is not None:
+            return found
+    return None
+
+
 def _status(value: object) -> str | None:
     """A status as a lower-case code: R4 CodeableConcept or STU3/DSTU2 string."""
     if value is None:
@@ -814,7 +826,8 @@ def _components(st: _State, r: dict, components: object, when: date | None, ref:
             raise Malformed("component is not an object")
         for cid in st.codes.category_ids_in(st.codes.concepts_for(comp.get("code"))):
             if cid in LAB_BUCKET:
-                _lab_result(st, comp, cid, when, ref)
+                # An unreadable component (a negative TSH) is left out alone, not the panel.
+                _guarded(_lab_result, st, comp, cid, when, ref)
 
 
 def _lab_result(
@@ -834,12 +847,12 @@ def _lab_result(
         if not isinstance(quantity, dict):
             raise Malformed("valueQuantity is not an object")
         value = _number(quantity.get("value"))
-        if value is not None and value < 0:
-            raise Malformed("a concentration or titre cannot be negative")
         unit = quantity.get("unit") or quantity.get("code")
         comparator = quantity.get("comparator")
     elif r.get("valueInteger") is not None:
         value = _number(r.get("valueInteger"))
+    if value is not None and value < 0:
+        raise Malformed("a concentration or titre cannot be negative")
     low, high = _reference_range(r.get("referenceRange"))
     interpretation = (
         _interpretation(r.get("interpretation"))
@@ -1112,10 +1125,9 @@ def _draft_order(st: _State, r: dict, focus: set[str] | None) -> None:
     rtype = r.get("resourceType")
     rid = r.get("id")
     in_focus = focus is None or (isinstance(rid, str) and f"{rtype}/{rid}" in focus)
-    try:
-        when = _first_date(r, "authoredOn", "dateWritten", "orderedOn")
-    except READ_ERRORS:
-        when = None  # judged without its date rather than dropped with its warning
+    # An unreadable date is passed over: the order is judged without it rather than dropped with
+    # its warning, and a readable date in the next field still counts.
+    when = _first_readable_date(r, "authoredOn", "dateWritten", "orderedOn")
     if rtype in ("MedicationRequest", "MedicationOrder"):
         _add_medication(st, r, DRAFT, when, _as_list(r.get("dosageInstruction")), in_focus)
     elif rtype in ("ServiceRequest", "ProcedureRequest"):

@@ -127,8 +127,8 @@ class InterventionState(str, Enum):
 
 # Intervention and LabResult are built by the hundreds per hook call (one per lab result and
 # order): as plain slotted dataclasses they cost 0.4 us each to build, frozen ones 1.7 us (their
-# __init__ goes through object.__setattr__ for every field). Treat them as read-only all the same:
-# the guideline rules never change a fact.
+# __init__ goes through object.__setattr__ for every field). They are therefore mutable and not
+# hashable (nor is anything holding one, such as a Finding): never change one, never hash one.
 @dataclass(slots=True)
 class Intervention:
     """A test or treatment, done, ordered or drafted, mapped to a guideline category."""
@@ -153,7 +153,7 @@ class Intervention:
     # Medication dose text or structured dose, where it matters (low-dose aspirin vs analgesic).
     dosage_text: str | None = None
     # The draft order's own resource (only for DRAFT): suggestions that update/replace it need it.
-    resource: dict | None = field(default=None, compare=False, hash=False, repr=False)
+    resource: dict | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)

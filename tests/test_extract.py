@@ -280,6 +280,20 @@ def test_rhd_status():
 # --- thyroid (A2/A3) --------------------------------------------------------------------------------------
 
 
+def test_an_impossible_value_leaves_out_that_result_only():
+    """A negative concentration is a data error: that result is left out, not the panel around
+    it, and an integer value is held to the same rule."""
+    panel = observation(LOINC, "24348-5", "2024-06-01", component=[
+        {"code": cc(*TSH), "valueQuantity": {"value": 2.0, "unit": "mIU/L"}},
+        {"code": cc(LOINC, "3024-7"), "valueQuantity": {"value": -1.0, "unit": "pmol/L"}},
+    ])
+    read = facts(panel)
+    assert [r.value for r in read.tsh_results] == [2.0]
+    assert read.ft4_results == () and read.skipped_resources == 1
+    negative_integer = facts(observation(*TSH, "2024-06-01", valueInteger=-3))
+    assert negative_integer.tsh_results == () and negative_integer.skipped_resources == 1
+
+
 def test_tsh_interpretation_from_the_lab_first_then_from_the_reference_range():
     flagged = facts(observation(*TSH, "2024-06-01", value=3.9, unit="mIU/L", low=0.4, high=4.0, interpretation="H"))
     (tsh,) = flagged.tsh_results
@@ -555,6 +569,13 @@ def test_older_fhir_drafts_are_read():
     assert progesterone.dosage_text == "2dd 400 mg vaginaal" and progesterone.when == date(2025, 2, 28)
     assert (hla.category, hla.in_focus) == (Category.HLA_TYPING, False)
     assert f.skipped_resources == 0
+
+
+def test_a_draft_with_an_unreadable_date_keeps_a_readable_one():
+    draft = {"resourceType": "MedicationOrder", "id": "mo1", "status": "draft", "authoredOn": "gisteren",
+             "dateWritten": "2024-02-01", "medicationCodeableConcept": cc(ATC, "G03DA04")}
+    (order,) = facts(draft_orders=[draft], focus_refs=None).interventions
+    assert order.category is Category.PROGESTERONE and order.when == date(2024, 2, 1)
 
 
 # --- robustness ---------------------------------------------------------------------------------------------------
