@@ -145,7 +145,7 @@ def init_app(app) -> None:
 
 def openapi_paths(components: dict) -> dict:
     from .analytics import openapi_paths as analytics_paths
-    from .openapi import error_response
+    from .openapi import ERROR_DESCRIPTIONS, error_response
 
     feedback = {
         "/cds-services/{id}/feedback": {
@@ -177,9 +177,9 @@ def openapi_paths(components: dict) -> dict:
                         "not on the card; the OperationOutcome names feedback[i] and the field."
                     ),
                     "401": error_response("Missing or invalid CDS Hooks JWT."),
-                    "404": error_response("Unknown CDS Service id."),
-                    "413": error_response("Body larger than RPL_CDS_MAX_BODY_BYTES."),
-                    "415": error_response("Content-Type is not application/json."),
+                    "404": error_response(ERROR_DESCRIPTIONS["404"]),
+                    "413": error_response(ERROR_DESCRIPTIONS["413"]),
+                    "415": error_response(ERROR_DESCRIPTIONS["415"]),
                     "503": {
                         **error_response("Database unavailable; nothing was stored. Retry later."),
                         "headers": {

@@ -25,7 +25,6 @@ WAIT_LIMIT_S = 10.0
 class LargeBodyGate:
     def __init__(self, wsgi_app: Callable, at_once: int, wait_limit_s: float = WAIT_LIMIT_S) -> None:
         self.wsgi_app = wsgi_app
-        self.at_once = at_once
         self.wait_limit_s = wait_limit_s
         self._turns = threading.BoundedSemaphore(at_once)
 

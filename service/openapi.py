@@ -11,7 +11,7 @@ import yaml
 
 SERVICE_IDS = ["rpl-patient-view", "rpl-order-select", "rpl-order-sign"]
 
-_ERROR_CODES = {
+ERROR_DESCRIPTIONS = {
     "400": "Invalid JSON, envelope or context; the OperationOutcome names the field.",
     "401": "Missing or invalid CDS Hooks JWT (no reason given in the body).",
     "404": "Unknown CDS Service id.",
@@ -94,7 +94,7 @@ def build_openapi() -> dict:
                             }
                         },
                     },
-                    "401": error_response(_ERROR_CODES["401"]),
+                    "401": error_response(ERROR_DESCRIPTIONS["401"]),
                 },
             }
         },
@@ -131,7 +131,7 @@ def build_openapi() -> dict:
                         "Required FHIR data could not be obtained from prefetch or the FHIR "
                         "server; the OperationOutcome names the prefetch keys."
                     ),
-                    **{code: error_response(text) for code, text in _ERROR_CODES.items()},
+                    **{code: error_response(text) for code, text in ERROR_DESCRIPTIONS.items()},
                 },
             }
         },

@@ -464,7 +464,8 @@ def _belongs_to(resource: dict, patient_refs: set[str]) -> bool:
 
 def openapi_paths(components: dict) -> dict:
     """The playground's JSON helpers (404 when the playground is switched off)."""
-    outcome = {"application/fhir+json": {"schema": {"$ref": "#/components/schemas/OperationOutcome"}}}
+    from .openapi import ERROR_DESCRIPTIONS, error_response
+
     return {
         "/playground/api/scenarios/{name}": {
             "get": {
@@ -479,7 +480,7 @@ def openapi_paths(components: dict) -> dict:
                         "description": "The scenario: name, title, referenceDate, bundle, hooks.",
                         "content": {"application/json": {"schema": {"type": "object"}}},
                     },
-                    "404": {"description": "Unknown scenario, or the playground is off.", "content": outcome},
+                    "404": error_response("Unknown scenario, or the playground is off."),
                 },
             }
         },
@@ -522,10 +523,10 @@ def openapi_paths(components: dict) -> dict:
                             }
                         },
                     },
-                    "400": {"description": "Invalid input; the OperationOutcome names the field.", "content": outcome},
-                    "404": {"description": "The playground is off.", "content": outcome},
-                    "413": {"description": "Body larger than RPL_CDS_MAX_BODY_BYTES.", "content": outcome},
-                    "415": {"description": "Content-Type is not application/json.", "content": outcome},
+                    "400": error_response("Invalid input; the OperationOutcome names the field."),
+                    "404": error_response("The playground is off."),
+                    "413": error_response(ERROR_DESCRIPTIONS["413"]),
+                    "415": error_response(ERROR_DESCRIPTIONS["415"]),
                 },
             }
         },

@@ -23,8 +23,9 @@ Privacy: patient, encounter and order references are stored only as keyed pseudo
 override comment is reduced to "a comment was given"). See docs/data-retention.md.
 
 Failure policy: the store never makes a hook fail. When the database is down or locked, hooks
-answer without the memories and without recording (one warning in the log per outage), and the
-feedback endpoint answers 503. Every request tries again (after a short back-off on the hook
+answer without the memories (one warning in the log per outage); the card writer waits for a
+lock up to RECORD_LOCK_WAIT_MS and loses the batch only when the database is down; the feedback
+endpoint answers 503. Every request tries again (after a short back-off on the hook
 path), so the service recovers without a restart.
 """
 
@@ -91,9 +92,10 @@ SELECT_SIGN_WINDOW = timedelta(hours=24)
 HOOK_LOCK_WAIT_MS = 250
 HOOK_STATEMENT_TIMEOUT_MS = 500
 FEEDBACK_LOCK_WAIT_MS = 3000
-# The most a hook waits for the database (override memory, de-duplication) before answering
-# without it. The wait itself runs on the store's own threads, so a database that stops answering
-# (a silent network) holds those threads, never the request threads.
+# PostgreSQL: the most a hook waits for the database (override memory, de-duplication) before
+# answering without it. The wait runs on the store's own threads, so a database that stops
+# answering (a silent network) holds those threads, never the request threads. SQLite reads run
+# inline, bounded by HOOK_LOCK_WAIT_MS.
 HOOK_DB_BUDGET_S = 0.5
 # Cards are recorded after the answer by one writer thread per process: they may wait for a busy
 # database as long as feedback does, and a lock held for a moment by another process loses no card.
@@ -111,7 +113,6 @@ STORE_THREADS = 2
 # outage does not add a connection timeout to every hook call. Feedback always tries.
 DEFAULT_RETRY_AFTER_FAILURE_S = 2.0
 SECRET_FILE_NAME = "pseudonym-secret"
-
 
 
 class UtcDateTime(TypeDecorator):
@@ -270,6 +271,8 @@ def _insert_chunks(count: int) -> Iterator[tuple[int, int]]:
         while count - start >= size:
             yield start, size
             start += size
+
+
 SQLITE_ERRORS = (sqlite3.Error, *DATABASE_ERRORS)
 
 
@@ -649,8 +652,9 @@ class Store:
         self, where: str, lock_wait_ms: int = HOOK_LOCK_WAIT_MS,
         statement_timeout_ms: int = HOOK_STATEMENT_TIMEOUT_MS,
     ) -> Iterator[Connection | None]:
-        """A short-limit transaction for the hook path, or None when the database is unusable.
-        Errors are logged and swallowed: the hook answers regardless."""
+        """A transaction with the given lock wait and statement timeout (by default the hook
+        path's short ones), or None when the database is unusable. Errors are logged and
+        swallowed: the hook answers regardless, the card writer goes on with the next batch."""
         if time.monotonic() < self._skip_until:
             yield None
             return
@@ -836,7 +840,6 @@ class Store:
         self, patient: str, encounter: str | None, codes: set[str], since: datetime, now: datetime
     ) -> set[tuple[str, str, str]]:
         """Order-select cards of this process still waiting for their batch count as recorded."""
-
         return {
             (row["rule_id"], row["order_code"], row["order_hash"])
             for row in self.card_writer.unwritten(patient)
@@ -847,8 +850,9 @@ class Store:
 
     def record_cards(self, call: Any, pairs: Sequence[tuple[Any, Mapping]]) -> None:
         """Record each issued card (pairs of finding and card, as cards.build makes them) now,
-        without the card writer's queue, waiting for a lock only as long as a hook may. Never
-        raises: a card that cannot be recorded is still shown."""
+        without the card writer's queue, waiting for a lock only HOOK_LOCK_WAIT_MS. Never
+        raises. The hook path uses record_cards_in_background; this synchronous form is for the
+        tests of what a recorded card holds and of lock and outage handling."""
         try:
             self._insert_card_rows(self.card_rows(call, pairs), lock_wait_ms=HOOK_LOCK_WAIT_MS)
         except Exception:  # noqa: BLE001

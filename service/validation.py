@@ -105,10 +105,7 @@ def describe_validation_error(error: ValidationError, prefix: str = "") -> tuple
     if error.validator in ("const", "enum"):
         return f"{path}: {_shown(error.instance)} is not an allowed value", path
     if error.validator == "pattern":
-        shown = repr(error.instance)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        return f"{path}: {shown} has an invalid form", path
+        return f"{path}: {_shown(error.instance)} has an invalid form", path
     return f"{path}: {error.message[:200]}", path
 
 

@@ -75,14 +75,18 @@ def test_a_request_that_gets_no_turn_in_time_is_answered_503_with_an_outcome():
     validator("operation-outcome.schema.json").validate(body)
 
 
-def test_the_service_answers_a_large_hook_through_the_gate(client):
+def test_the_service_answers_a_large_hook_through_the_gate(client, monkeypatch):
+    from service import large_bodies
     from tests.hookdata import full_prefetch, hook_request
 
+    turns_ended = []
+    monkeypatch.setattr(large_bodies, "give_back_free_memory", lambda: turns_ended.append(True))
     body = hook_request("patient-view", prefetch=full_prefetch([]))
     body["extension"] = {"padding": "x" * (LARGE_BODY_BYTES + 10)}
     response = client.post("/cds-services/rpl-patient-view", json=body)
     assert response.status_code == 200, response.get_data(as_text=True)
     assert "cards" in response.get_json()
+    assert turns_ended == [True]  # it took (and gave back) the gate's one turn
 
 
 def test_worker_malloc_settings_apply_on_glibc():

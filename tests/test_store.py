@@ -478,7 +478,7 @@ def test_the_jwt_replay_check_waits_its_own_time_for_a_sqlite_lock_not_a_hooks(t
 
     holder = threading.Thread(target=hold_the_write_lock)
     holder.start()
-    locked.wait(5)
+    assert locked.wait(5), "the other connection never took the write lock"
     try:
         assert replay.claim("b" * 64, int(time.time()) + 60)
     finally:
