@@ -8,8 +8,8 @@ from service.validation import validator
 
 
 def assert_outcome(response, status: int, *fragments: str) -> dict:
-    """`status`, an application/fhir+json OperationOutcome naming every fragment, and short:
-    a clear message, not an echo of whatever the client sent."""
+    """`status` and an application/fhir+json OperationOutcome (schema-valid) naming every fragment;
+    returns the body."""
     assert response.status_code == status, response.get_data(as_text=True)[:2000]
     assert response.mimetype == "application/fhir+json"
     body = response.get_json()

@@ -36,20 +36,19 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from service import create_app
-from service.validation import validator
+from service.db import sqlalchemy_url
+from tests.assertions import assert_outcome
 from tests.hookdata import hook_request
-from tests.test_feedback import overridden, rpl_prefetch, thrombophilia_order, warnings
-from tests.test_store import fresh_postgres_database, sqlalchemy_url
+from tests.test_feedback import overridden, post_feedback, rpl_prefetch, stamp, thrombophilia_order, warnings
+from tests.test_store import count_rows, fresh_postgres_database
 
 HOOK_URL = "/cds-services/rpl-order-select"
-FEEDBACK_URL = "/cds-services/rpl-order-select/feedback"
 # A hook during a database fault may wait for the hook-path lock timeout (250 ms per statement),
 # never for the feedback path's limits (seconds) or for the network.
 HOOK_BUDGET_S = 1.5
 RECOVERY_WAIT_S = 15.0  # the hook path retries the database 2 s after a failure
 
-# Bugs these tests found, reported to the lead with their fixes (docs/reliability.md section 4).
-# A fixed bug turns its test into XPASS, which fails the run: then delete the marker.
+# The bugs these tests found and their fixes: docs/reliability.md section 4.
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,24 +74,14 @@ def call_hook(client, patient_id: str) -> tuple[list[dict], float]:
     return cards, elapsed
 
 
-def stamp(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def feedback_item(card: dict, index: int) -> dict:
     """An override of `card` with its own outcomeTimestamp: a distinct feedback row."""
     moment = datetime(2025, 1, 1, tzinfo=UTC) + timedelta(milliseconds=index)
     return overridden(card, when=stamp(moment))
 
 
-def post_feedback(client, items: list[dict]):
-    return client.post(FEEDBACK_URL, json={"feedback": items})
-
-
 def assert_503(response) -> None:
-    assert response.status_code == 503, response.get_data(as_text=True)[:1000]
-    assert response.mimetype == "application/fhir+json"
-    validator("operation-outcome.schema.json").validate(response.get_json())
+    assert_outcome(response, 503)
     assert int(response.headers["Retry-After"]) > 0
 
 
@@ -114,10 +103,6 @@ def stored_feedback_times(url: str) -> set[str]:
             moment = moment.replace(tzinfo=UTC)
         found.add(stamp(moment.astimezone(UTC)))
     return found
-
-
-def card_count(url: str) -> int:
-    return rows(url, "SELECT count(*) FROM rpl_card")[0][0]
 
 
 def eventually(check, timeout: float = RECOVERY_WAIT_S, interval: float = 0.25):
@@ -319,7 +304,7 @@ def run_outage_story(settings, service_url: str, check_url: str, fault) -> None:
     card = warnings(cards)[0]
     acknowledged = feedback_item(card, 1)
     assert post_feedback(client, [acknowledged]).status_code == 200
-    cards_before = card_count(check_url)
+    cards_before = count_rows(check_url, "rpl_card")
 
     # During: hooks answer quickly with their warning; feedback is refused with 503.
     pending = feedback_item(card, 2)
@@ -331,7 +316,7 @@ def run_outage_story(settings, service_url: str, check_url: str, fault) -> None:
 
     # After, without a restart: the client's retry is stored, hooks record their cards again.
     eventually(lambda: post_feedback(client, [pending]).status_code == 200)
-    eventually(lambda: call_hook(client, "after") and card_count(check_url) > cards_before)
+    eventually(lambda: call_hook(client, "after") and count_rows(check_url, "rpl_card") > cards_before)
     assert stored_feedback_times(check_url) == {acknowledged["outcomeTimestamp"], pending["outcomeTimestamp"]}
 
 

@@ -13,7 +13,6 @@ tests/test_fhir_client.py; this file checks what the EHR sees from the hook.
 
 from __future__ import annotations
 
-import http.server
 import json
 import socket
 import threading
@@ -23,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from service.validation import validator
+from tests.assertions import assert_outcome
 from tests.conftest import make_app
 from tests.hookdata import SEARCH_KEYS, hook_request, miscarriage, patient, searchset
 from tests.support.scripted_server import ScriptedServer
@@ -124,14 +124,6 @@ def cut_off(handler) -> None:
 # Calling the hook
 
 
-@pytest.fixture(autouse=True)
-def listen_backlog(monkeypatch):
-    """The service opens up to 9 connections at once (one per prefetch key). socketserver's
-    default listen backlog of 5 makes the kernel drop the surplus SYNs, and the 1 s SYN retry
-    then looks like a slow FHIR server. A real server has a deep backlog; so do ours here."""
-    monkeypatch.setattr(http.server.ThreadingHTTPServer, "request_queue_size", 128)
-
-
 @pytest.fixture
 def fault_app(settings):
     return make_app(settings, deadline_ms=DEADLINE_MS)
@@ -150,16 +142,10 @@ def assert_in_time(elapsed: float, deadline_ms: int = DEADLINE_MS) -> None:
 
 
 def assert_412_naming(response, keys: set[str], *fragments: str) -> dict:
-    assert response.status_code == 412, response.get_data(as_text=True)[:1000]
-    assert response.mimetype == "application/fhir+json"
-    body = response.get_json()
-    validator("operation-outcome.schema.json").validate(body)
+    body = assert_outcome(response, 412, *fragments)
     named = {e.removeprefix("prefetch.") for issue in body["issue"] for e in issue["expression"]}
     assert named == keys
-    text = json.dumps(body)
-    for fragment in fragments:
-        assert fragment in text, f"{fragment!r} not in {text}"
-    assert TOKEN not in text
+    assert TOKEN not in json.dumps(body)
     return body
 
 

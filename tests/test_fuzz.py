@@ -16,9 +16,8 @@ Every schemathesis check runs except one, disabled on purpose:
   this service never issued gets 400. Both statuses are documented; `status_code_conformance`
   still fails any undocumented status, and `not_a_server_error` any 5xx.
 
-`PENDING` lists, per known disagreement between the service and its spec, the one check left
-out for the one situation where it occurs (pinned down by a strict-xfail test). It is empty: the
-disagreements found so far (OPTIONS `Allow`, playground 413/415, analytics `since`) are fixed.
+The disagreements found between the service and its spec so far (OPTIONS `Allow`, playground
+413/415, analytics `since`) are fixed; none is excluded from the checks.
 """
 
 from __future__ import annotations
@@ -82,16 +81,6 @@ def fuzz_app(tmp_path_factory):
     return build_app(tmp_path_factory.mktemp("fuzz"))
 
 
-# --- known disagreements, reported with their fixes (see the module docstring) -----------------
-
-
-PENDING: list = []  # no known disagreement between the service and openapi.yaml
-
-
-def pending_exclusions(case, response) -> list:
-    return [check for applies, check in PENDING if applies(case, response)]
-
-
 @schema.parametrize()
 @settings(
     max_examples=EXAMPLES,
@@ -106,7 +95,7 @@ def test_every_operation_conforms_to_openapi(case, fuzz_app):
     response = case.call(app=fuzz_app)
     case.validate_response(
         response,
-        excluded_checks=EXCLUDED_CHECKS + pending_exclusions(case, response),
+        excluded_checks=EXCLUDED_CHECKS,
         transport_kwargs={"app": fuzz_app},
     )
 

@@ -8,7 +8,6 @@ on 127.0.0.1 that answers each query after ~500 ms (RPL_CDS_DEADLINE_MS=2000, lo
 
 from __future__ import annotations
 
-import http.server
 import re
 import signal
 import threading
@@ -55,9 +54,7 @@ def slow_fhir(handler) -> None:
 
 
 @pytest.fixture
-def slow_server(monkeypatch):
-    # Up to 9 connections per hook call arrive at once: a deep listen backlog, as a real server has.
-    monkeypatch.setattr(http.server.ThreadingHTTPServer, "request_queue_size", 128)
+def slow_server():
     with ScriptedServer(slow_fhir) as server:
         yield server
 

@@ -3,10 +3,11 @@
 import json
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from tests.support.scripted_server import WideBacklogServer
 from tests.hookdata import (
     SEARCH_KEYS,
     full_prefetch,
@@ -23,12 +24,6 @@ RPL_HISTORY = [miscarriage("c1", "2023-03-01"), miscarriage("c2", "2024-01-10")]
 
 def topics(response):
     return {c["source"]["topic"]["code"] for c in response.get_json()["cards"]}
-
-
-class _WideBacklogServer(ThreadingHTTPServer):
-    # The hook opens ~9 connections at once; socketserver's default backlog of 5 makes the kernel
-    # drop some, which retry after 1 s and look like FHIR timeouts.
-    request_queue_size = 128
 
 
 class RecordingServer:
@@ -58,7 +53,7 @@ class RecordingServer:
             def log_message(self, *args):
                 pass
 
-        self.httpd = _WideBacklogServer(("127.0.0.1", 0), Handler)
+        self.httpd = WideBacklogServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_port}/fhir"
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 

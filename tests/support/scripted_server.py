@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
-class _WideBacklogServer(ThreadingHTTPServer):
+class WideBacklogServer(ThreadingHTTPServer):
     # The hook opens ~9 connections at once; socketserver's default backlog of 5 makes the kernel
     # drop some, which retry after 1 s and look like FHIR timeouts.
     request_queue_size = 128
@@ -71,7 +71,7 @@ class ScriptedServer:
         self._active = 0
         self._lock = threading.Lock()
         handler = type("Handler", (ScriptedHandler,), {"scripted": self})
-        self.httpd = _WideBacklogServer(("127.0.0.1", 0), handler)
+        self.httpd = WideBacklogServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.httpd.block_on_close = False
         self.httpd.handle_error = lambda request, address: None  # clients that hang up are expected
