@@ -280,8 +280,7 @@ def measure_startup(args, workdir: Path, env: dict, results: dict, log) -> serve
         cold.append(server.startup_s)
     results["startup"]["cold_s"] = cold
     log(f"  gunicorn launch -> first 200: {', '.join(f'{x:.3f} s' for x in cold)}")
-    servers.wait_for_workers(server, int(env.get("RPL_CDS_WORKERS") or os.environ.get("RPL_CDS_WORKERS")
-                                         or os.cpu_count() or 1))
+    servers.wait_for_workers(server)
     idle = servers.worker_memory(server)
     results["memory"]["idle"] = idle
     results["memory"]["idle_max_rss_mb"] = max(w.get("VmRSS", 0) for w in idle["workers"].values())

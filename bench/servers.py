@@ -20,7 +20,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE_APP = "service:create_app()"
 ECHO_APP = "bench.echo_app:create_app()"
-FHIR_SERVER_DIR = ROOT / "tests" / "fhir_server"
 
 
 def free_port() -> int:
@@ -158,12 +157,18 @@ def worker_memory(server: Gunicorn) -> dict:
     }
 
 
-def wait_for_workers(server: Gunicorn, expected: int, timeout_s: float = 10) -> None:
-    """Until `expected` workers exist and have settled (or the timeout)."""
+def wait_for_workers(server: Gunicorn, timeout_s: float = 10, settle_s: float = 0.5) -> None:
+    """Until gunicorn has forked all its workers, however many its config asks for: the count
+    has stayed the same for `settle_s` (or the timeout)."""
     deadline = time.perf_counter() + timeout_s
-    while time.perf_counter() < deadline and len(server.worker_pids()) < expected:
+    count, stable_since = len(server.worker_pids()), time.perf_counter()
+    while time.perf_counter() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3)
+        now = len(server.worker_pids())
+        if now != count:
+            count, stable_since = now, time.perf_counter()
+        elif count and time.perf_counter() - stable_since >= settle_s:
+            return
 
 
 LOG_PATTERNS = {
@@ -221,40 +226,13 @@ def measure_worker_respawn(server: Gunicorn, timeout_s: float = 30) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# The Node FHIR test server (tests/fhir_server). The test-support starter is preferred when it
-# exists; this fallback follows shared/reference/fhir-server.md.
+# The Node FHIR test server (tests/fhir_server), started as the tests start it.
 
 
 @contextlib.contextmanager
 def running_fhir_server() -> Iterator[str]:
-    try:
-        from tests.support.fhir_server import running_fhir_server as project_starter  # type: ignore
-    except ImportError:
-        project_starter = None
-    if project_starter is not None:
-        with project_starter() as base:
-            yield base if isinstance(base, str) else str(getattr(base, "base_url", base))
-        return
-    with _fallback_fhir_server() as base:
-        yield base
+    """tests/support/fhir_server.py's server on a free port; yields its base URL."""
+    from tests.support.fhir_server import running_fhir_server as start_fhir_server
 
-
-@contextlib.contextmanager
-def _fallback_fhir_server() -> Iterator[str]:
-    if not (FHIR_SERVER_DIR / "node_modules").is_dir():
-        raise RuntimeError(f"run `npm ci` in {FHIR_SERVER_DIR} first (make node-deps)")
-    major = int(subprocess.run(["node", "--version"], capture_output=True, text=True, check=True)
-                .stdout.strip().lstrip("v").split(".")[0])
-    command = ["node"] + (["--experimental-websocket"] if major < 22 else []) + ["server.mjs", "0"]
-    proc = subprocess.Popen(
-        command, cwd=FHIR_SERVER_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True, env={**os.environ, "FHIR_EXIT_ON_STDIN_EOF": "1"},
-    )
-    try:
-        line = proc.stdout.readline()
-        match = re.search(r"ready at (\S+)", line)
-        if not match:
-            raise RuntimeError(f"FHIR server did not start: {line}{proc.stdout.read()[:2000]}")
-        yield match.group(1)
-    finally:
-        stop_process(proc, timeout_s=5)
+    with start_fhir_server() as server:
+        yield server.base_url

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from bench.report import percentile  # the bench's nearest-rank percentile
+
 from .server import ROOT, count_rows, database, start_gunicorn, stored_feedback_stamps
 from .traffic import HookTemplate, feedback_epoch, feedback_for, feedback_stamp, hook_templates, patient_id_for
 
@@ -45,14 +47,6 @@ class Stats:
             self.statuses[kind][status] += 1
             if not ok:
                 self.errors[kind][status] += 1
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
-    return ordered[index]
 
 
 class Client(threading.Thread):
@@ -280,8 +274,8 @@ def render_report(args, stats: Stats, elapsed: float, startup_s: float, exit_sta
         values = every if kind == "all" else stats.latencies_ms.get(kind, [])
         kind_errors = errors if kind == "all" else sum(stats.errors.get(kind, Counter()).values())
         lines.append(
-            f"| {kind} | {len(values)} | {kind_errors} | {percentile(values, 0.5):.1f} | "
-            f"{percentile(values, 0.9):.1f} | {percentile(values, 0.99):.1f} | {max(values, default=float('nan')):.1f} |"
+            f"| {kind} | {len(values)} | {kind_errors} | {percentile(values, 50):.1f} | "
+            f"{percentile(values, 90):.1f} | {percentile(values, 99):.1f} | {max(values, default=float('nan')):.1f} |"
         )
     lines += [
         "",
