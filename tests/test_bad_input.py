@@ -827,14 +827,7 @@ DSTU2_MEDICATION_ORDER = {
     "medicationCodeableConcept": {"coding": [{"system": ATC, "code": "H02AB06", "display": "prednisolone"}]},
     "dosageInstruction": [{"text": "1 dd 10 mg"}],
 }
-STU3_PROCEDURE_REQUEST = {
-    "resourceType": "ProcedureRequest",
-    "id": "pr-1",
-    "status": "draft",
-    "intent": "order",
-    "subject": {"reference": "Patient/p1"},
-    "code": {"coding": [{"system": LOINC, "code": "21668-9", "display": "Factor V Leiden"}]},
-}
+STU3_PROCEDURE_REQUEST = service_request("pr-1", LOINC, "21668-9", "Factor V Leiden", resourceType="ProcedureRequest")
 R5_MEDICATION_REQUEST = {
     "resourceType": "MedicationRequest",
     "id": "mr-r5",
