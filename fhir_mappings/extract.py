@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-from .codes import EMPTY, CodeTables, load_code_tables
+from .codes import CodeTables, load_code_tables
 from .facts import (
     APL_TESTS,
     COUNTED_LOSS_KINDS,
@@ -734,24 +734,21 @@ def _condition(st: _State, r: dict) -> None:
 
 
 def _observation(st: _State, r: dict) -> None:
-    # The value's concepts are worked out once: the lab result's qualitative reading uses them too.
     status = r.get("status")
     if status is not None and status not in OBSERVATION_RESULT_STATUSES:
         return
-    codes = st.codes
-    code = r.get("code")
-    ids = codes.concepts_for(code)
+    ids = st.codes.concepts_for(r.get("code"))
     value_cc = r.get("valueCodeableConcept")
-    value_ids = codes.concepts_for(value_cc) if value_cc is not None else EMPTY
+    value_ids = st.codes.concepts_for(value_cc) if value_cc is not None else frozenset()
     components = r.get("component")
     if not ids and not value_ids and not components:
         return
     when = _first_date(r, "effectiveDateTime", "effectivePeriod", "effectiveInstant", "issued")
     ref = _ref(r)
 
-    for cid in codes.category_ids_in(ids):
-        match = codes.first_match(code, cid)
-        _lab_result(st, r, cid, when, ref, match, value_ids)
+    for cid in st.codes.category_ids_in(ids):
+        match = st.codes.first_match(r.get("code"), cid)
+        _lab_result(st, r, cid, when, ref, match)
         st.interventions.append(_intervention(st, r, None, cid, DONE, when, match=match, ref=ref))
     if components:
         _components(st, r, components, when, ref)
@@ -831,10 +828,8 @@ def _components(st: _State, r: dict, components: object, when: date | None, ref:
 
 
 def _lab_result(
-    st: _State, r: dict, cid: str, when: date | None, ref: str, match: tuple | None = None,
-    value_ids: frozenset[str] | None = None,
+    st: _State, r: dict, cid: str, when: date | None, ref: str, match: tuple | None = None
 ) -> None:
-    """`value_ids`: the concepts of r's valueCodeableConcept when the caller has them already."""
     if cid in KARYOTYPE_CATEGORY_IDS:
         _karyotype(st, r, cid)
         return
@@ -856,7 +851,7 @@ def _lab_result(
     low, high = _reference_range(r.get("referenceRange"))
     interpretation = (
         _interpretation(r.get("interpretation"))
-        or _qualitative(st, r, value_ids)
+        or _qualitative(st, r)
         or _range_interpretation(value, comparator, low, high)
     )
     if match is None:
@@ -876,10 +871,10 @@ def _lab_result(
     )
 
 
-def _qualitative(st: _State, r: dict, value_ids: frozenset[str] | None = None) -> str | None:
+def _qualitative(st: _State, r: dict) -> str | None:
     cc = r.get("valueCodeableConcept")
     if isinstance(cc, dict):
-        ids = st.codes.concepts_for(cc) if value_ids is None else value_ids
+        ids = st.codes.concepts_for(cc)
         if "result-positive" in ids:
             return "POS"
         if "result-negative" in ids:
