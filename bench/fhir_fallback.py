@@ -12,6 +12,7 @@ import http.client
 import json
 import statistics
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from bench.synthetic import PRACTITIONER_ID, fhir_batch, patient_record
@@ -45,20 +46,19 @@ class FhirHttp:
         self.conn.close()
 
 
-def load_patient(base_url: str, size: int, patient_id: str) -> int:
-    """PUT the patient, the practitioner and `size` resources; returns how many were stored."""
-    client = FhirHttp(base_url)
-    try:
-        status, reply = client.request("POST", "", fhir_batch(patient_record(size, patient_id), patient_id))
-        if status != 200:
-            raise RuntimeError(f"loading the FHIR server failed: HTTP {status} {str(reply)[:300]}")
-        bad = [e["response"]["status"] for e in reply.get("entry", [])
-               if not str(e.get("response", {}).get("status", "")).startswith("2")]
-        if bad:
-            raise RuntimeError(f"{len(bad)} resources were not stored: {bad[:5]}")
-        return len(reply.get("entry", [])) - 2
-    finally:
-        client.close()
+def write_seed(path: Path, sizes: list[int], patient_id_format: str) -> dict[int, int]:
+    """One batch Bundle with a synthetic patient of each size (ids from `patient_id_format`), for
+    the FHIR test server's FHIR_SEED: every worker of the server loads it before it answers.
+    Returns the resources per size (without the Patient and the Practitioner)."""
+    entries: list[dict] = []
+    counts = {}
+    for size in sizes:
+        patient_id = patient_id_format.format(size=size)
+        batch = fhir_batch(patient_record(size, patient_id), patient_id)
+        counts[size] = len(batch["entry"]) - 2
+        entries.extend(batch["entry"])
+    path.write_text(json.dumps({"resourceType": "Bundle", "type": "batch", "entry": entries}))
+    return counts
 
 
 def fill_template(template: str, patient_id: str) -> str:

@@ -235,7 +235,10 @@ def markdown(results: dict) -> str:
             f"{_fmt(closed.get('p99_ms'))} ms | {_fmt(closed.get('throughput_rps'))} req/s | "
             f"{_fmt(summ.get('worker_cpu_ms_per_request'), 2)} ms | {errors} | {cards} |")
     if results.get("fallback"):
-        lines += ["", "## FHIR fallback (no prefetch; Node FHIR test server, one client)", "",
+        fhir_workers = results.get("settings", {}).get("fhir_workers", 1)
+        server = ("one Node process, which answers one request at a time" if fhir_workers == 1 else
+                  f"{fhir_workers} Node processes on one port, each with the same data, answering in parallel")
+        lines += ["", f"## FHIR fallback (no prefetch; Node FHIR test server: {server}; one client)", "",
                   "| resources | hook total p50 | hook total p95 | slowest single query | sequential (sum) | "
                   "all queries at once (bench) | ratio total / slowest | with prefetch p50 |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-requests", type=int, default=20000, help="request cap per run")
     parser.add_argument("--no-fhir", action="store_true", help="skip the FHIR-fallback measurement")
     parser.add_argument("--no-echo", action="store_true", help="skip the echo endpoint")
+    parser.add_argument("--fallback-sizes", help="FHIR-fallback patient sizes (default 10,100,1000; --quick: 100)")
+    parser.add_argument("--fhir-workers", type=int, default=2,
+                        help="Node processes of the FHIR test server (default 2, one per core of the bench "
+                             "machine; 1 is the test suite's server, which answers one request at a time)")
     parser.add_argument("--database-url", help="RPL_CDS_DATABASE_URL (default: SQLite in a temp dir)")
     parser.add_argument("--workers", type=int, help="RPL_CDS_WORKERS (default: gunicorn.conf.py's)")
     parser.add_argument("--threads", type=int, help="RPL_CDS_THREADS (default: gunicorn.conf.py's)")
@@ -61,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     plan = dict(QUICK if args.quick else FULL)
     if args.sizes:
         plan["sizes"] = sorted(int(s) for s in args.sizes.split(","))
+    if args.fallback_sizes:
+        plan["fallback_sizes"] = sorted(int(s) for s in args.fallback_sizes.split(","))
     if args.runs:
         plan["runs"] = args.runs
     if args.duration:
@@ -321,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick, "sizes": plan["sizes"], "hooks": args.hook_list, "clients": args.clients,
             "runs": plan["runs"], "duration_s": plan["duration_s"], "paced_duration_s": plan["paced_duration_s"],
             "warmup_s": plan["warmup_s"], "paced_fraction": args.paced_fraction, "worker_class": "gthread",
+            "fhir_workers": args.fhir_workers,
             "threads": gunicorn_threads(args), "workers": args.workers,
             "database": "PostgreSQL" if (args.database_url or os.environ.get("RPL_CDS_DATABASE_URL", "")
                                          ).startswith("postgres") else "SQLite",
@@ -338,10 +345,11 @@ def main(argv: list[str] | None = None) -> int:
         fhir_base = None
         if not args.no_fhir:
             try:
-                fhir_base = stack.enter_context(servers.running_fhir_server())
-                for size in plan["fallback_sizes"]:
-                    fhir_fallback.load_patient(fhir_base, size, FALLBACK_PATIENT.format(size=size))
-                log(f"FHIR test server at {fhir_base}, loaded patients of {plan['fallback_sizes']} resources")
+                seed = workdir / "fhir-seed.json"
+                fhir_fallback.write_seed(seed, plan["fallback_sizes"], FALLBACK_PATIENT)
+                fhir_base = stack.enter_context(servers.running_fhir_server(seed, args.fhir_workers))
+                log(f"FHIR test server at {fhir_base} ({args.fhir_workers} Node process(es)), "
+                    f"loaded patients of {plan['fallback_sizes']} resources")
             except Exception as error:  # noqa: BLE001 - the rest of the bench still runs
                 results["notes"].append(f"FHIR fallback not measured: {error}")
                 log(f"FHIR test server unavailable: {error}")

@@ -230,9 +230,10 @@ def measure_worker_respawn(server: Gunicorn, timeout_s: float = 30) -> float:
 
 
 @contextlib.contextmanager
-def running_fhir_server() -> Iterator[str]:
-    """tests/support/fhir_server.py's server on a free port; yields its base URL."""
+def running_fhir_server(seed: Path, workers: int) -> Iterator[str]:
+    """tests/support/fhir_server.py's server on a free port, `workers` Node processes each loaded
+    with the `seed` Bundle; yields its base URL."""
     from tests.support.fhir_server import running_fhir_server as start_fhir_server
 
-    with start_fhir_server() as server:
+    with start_fhir_server(seed=seed, workers=workers) as server:
         yield server.base_url

@@ -31,3 +31,8 @@ def post_fork(server, worker):
         flask_app = getattr(server.app, "callable", None)
         if flask_app is not None:
             flask_app.extensions.pop("rpl_store", None)
+    store = getattr(getattr(server.app, "callable", None), "extensions", {}).get("rpl_store")
+    if store is not None and os.environ.get("BENCH_NO_STORE_READS") == "1":
+        store.filter_findings = lambda call, facts, findings: list(findings)
+    if store is not None and os.environ.get("BENCH_NO_STORE_WRITES") == "1":
+        store.record_cards_in_background = lambda call, pairs: None

@@ -3,6 +3,7 @@ service relies on it, or every integration test built on it proves nothing."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -209,3 +210,54 @@ def _alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+# --- FHIR_SEED and FHIR_WORKERS (the benchmark's server, answering concurrent requests) ---------
+
+
+def _seed_file(tmp_path, patient_id: str, observations: int) -> tuple:
+    resources = [{"resourceType": "Patient", "id": patient_id, "gender": "female"}]
+    resources += [observation(patient_id, TSH, f"2024-01-{day:02d}") for day in range(1, observations + 1)]
+    bundle = transaction(resources)
+    bundle["type"] = "batch"
+    path = tmp_path / "seed.json"
+    path.write_text(json.dumps(bundle))
+    return path, {r["id"] for r in resources[1:]}
+
+
+def test_seeded_cluster_answers_every_connection_with_the_same_data(tmp_path):
+    """Each worker loads the seed itself: whichever worker a connection reaches, the data is there."""
+    patient_id = new_id("pat")
+    seed, observation_ids = _seed_file(tmp_path, patient_id, 3)
+    with support.running_fhir_server(seed=seed, workers=2) as server:
+        answered_by = set()
+        for _ in range(6):  # new connections are shared out among the workers in turn
+            response = requests.get(f"{server.base_url}/Observation?patient={patient_id}", timeout=10,
+                                    headers={"Connection": "close"})
+            assert response.status_code == 200
+            assert ids(response.json()) == observation_ids
+            answered_by.add(response.headers["X-Fhir-Worker"])
+        assert len(answered_by) == 2
+
+
+def test_seeded_cluster_refuses_writes_with_an_operation_outcome(tmp_path):
+    patient_id = new_id("pat")
+    seed, _ = _seed_file(tmp_path, patient_id, 1)
+    with support.running_fhir_server(seed=seed, workers=2) as server:
+        response = requests.post(f"{server.base_url}/Patient", json={"resourceType": "Patient"}, timeout=10,
+                                 headers={"Content-Type": "application/fhir+json"})
+        assert response.status_code == 405
+        assert response.headers["Allow"] == "GET"
+        outcome = response.json()
+        assert outcome["resourceType"] == "OperationOutcome"
+        assert "read-only" in outcome["issue"][0]["details"]["text"]
+
+
+def test_a_seed_that_does_not_load_stops_the_server_with_a_clear_error(tmp_path):
+    seed = tmp_path / "seed.json"
+    seed.write_text(json.dumps({"resourceType": "Bundle", "type": "batch", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "p1"}, "request": {"method": "PUT", "url": "Patient/other"}},
+    ]}))
+    with pytest.raises(FhirServerUnavailable, match="FHIR_SEED"):
+        with support.running_fhir_server(seed=seed):
+            pass

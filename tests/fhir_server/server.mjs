@@ -5,7 +5,14 @@
 // Environment:
 //   FHIR_DEFAULT_COUNT=N      searches without _count get _count=N, so tests can exercise paging
 //   FHIR_EXIT_ON_STDIN_EOF=1  exit when stdin closes (a test runner holding stdin=PIPE leaves no orphan)
+//   FHIR_SEED=file.json       a batch or transaction Bundle loaded before the server answers
+//   FHIR_WORKERS=N            N processes (node:cluster) on one port, each holding its own copy of
+//                             FHIR_SEED, so that concurrent requests are answered in parallel as a
+//                             production server answers them (one Node process answers one at a
+//                             time). With N > 1 the server is read-only: a write would reach one copy.
 // Prints one line when ready: "FHIR server ready at http://127.0.0.1:<port>/fhir (startup N ms)".
+import cluster from 'node:cluster';
+import { readFileSync } from 'node:fs';
 import http from 'node:http';
 import {
   badRequest, getResourceTypes, getSearchParameters, getStatus, indexSearchParameterBundle,
@@ -17,13 +24,85 @@ import { FhirRouter, MemoryRepository } from '@medplum/fhir-router';
 const BASE_PATH = '/fhir';
 const MAX_BODY_BYTES = 50 * 1024 * 1024;
 const defaultCount = Number.parseInt(process.env.FHIR_DEFAULT_COUNT ?? '', 10) || 0;
+const workers = Number.parseInt(process.env.FHIR_WORKERS ?? '', 10) || 1;
+const readOnly = workers > 1;
+const requestedPort = Number.parseInt(process.argv[2] ?? '0', 10) || 0;
 
-indexStructureDefinitionBundle(readJson('fhir/r4/profiles-types.json'));
-indexStructureDefinitionBundle(readJson('fhir/r4/profiles-resources.json'));
-for (const file of SEARCH_PARAMETER_BUNDLE_FILES) indexSearchParameterBundle(readJson(file));
-trimSharedSearchParameters();
-const router = new FhirRouter();
-const repo = new MemoryRepository();
+// The primary forks the workers, reports the shared port once every one of them listens, and
+// takes them down with itself. node:cluster hands the connections of the one port to the workers.
+function runPrimary() {
+  const ready = new Set();
+  const stopAll = (code = 0) => {
+    for (const worker of Object.values(cluster.workers ?? {})) worker?.process.kill('SIGTERM');
+    process.exit(code);
+  };
+  cluster.on('message', (worker, message) => {
+    if (message?.type !== 'ready') return;
+    ready.add(worker.id);
+    if (ready.size === workers) {
+      console.log(`FHIR server ready at http://127.0.0.1:${message.port}${BASE_PATH} (startup ${Math.round(performance.now())} ms) with ${workers} workers`);
+    }
+  });
+  cluster.on('exit', (worker, code) => {
+    console.log(`FHIR server worker ${worker.process.pid} exited with ${code}; stopping`);
+    stopAll(1);
+  });
+  for (let i = 0; i < workers; i++) cluster.fork();
+  exitOnSignalOrStdinEnd(() => stopAll(0));
+}
+
+function exitOnSignalOrStdinEnd(stop) {
+  for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, stop);
+  if (cluster.isWorker) {
+    process.on('disconnect', stop); // the primary is gone
+    return;
+  }
+  if (process.env.FHIR_EXIT_ON_STDIN_EOF === '1') {
+    process.stdin.on('end', stop);
+    process.stdin.on('close', stop);
+    process.stdin.resume();
+  }
+}
+
+async function runServer() {
+  indexStructureDefinitionBundle(readJson('fhir/r4/profiles-types.json'));
+  indexStructureDefinitionBundle(readJson('fhir/r4/profiles-resources.json'));
+  for (const file of SEARCH_PARAMETER_BUNDLE_FILES) indexSearchParameterBundle(readJson(file));
+  trimSharedSearchParameters();
+  const router = new FhirRouter();
+  const repo = new MemoryRepository();
+  if (process.env.FHIR_SEED) await loadSeed(router, repo, process.env.FHIR_SEED);
+
+  const server = http.createServer((req, res) => {
+    handle(router, repo, server, req, res).catch((err) => {
+      const outcome = normalizeOperationOutcome(err);
+      if (!res.headersSent) send(res, getStatus(outcome), outcome);
+      else res.destroy();
+    });
+  });
+  exitOnSignalOrStdinEnd(() => process.exit(0));
+  server.listen(requestedPort, '127.0.0.1', () => {
+    const { port } = server.address();
+    if (cluster.isWorker) {
+      process.send({ type: 'ready', port });
+    } else {
+      console.log(`FHIR server ready at http://127.0.0.1:${port}${BASE_PATH} (startup ${Math.round(performance.now())} ms)`);
+    }
+  });
+}
+
+// The seed is stored through the router, as a POSTed Bundle would be; any failed entry stops the
+// start-up, so that a worker never answers with part of the data.
+async function loadSeed(router, repo, file) {
+  const bundle = JSON.parse(readFileSync(file, 'utf8'));
+  const request = { method: 'POST', url: '', pathname: '', params: {}, query: {}, body: bundle, headers: {} };
+  const [outcome, reply] = await router.handleRequest(request, repo);
+  const failed = (reply?.entry ?? []).filter((entry) => !String(entry?.response?.status ?? '').startsWith('2'));
+  if (getStatus(outcome) >= 300 || failed.length > 0 || (reply?.entry ?? []).length !== (bundle.entry ?? []).length) {
+    console.error(`FHIR_SEED ${file} was not loaded in full: ${JSON.stringify(failed.slice(0, 3) || outcome)}`);
+    process.exit(1);
+  }
+}
 
 // R4 shares one SearchParameter (patient, code, date, ...) among up to 30 resource types; its
 // expression is a union over all of them, which the in-memory matcher evaluates for every stored
@@ -103,7 +182,9 @@ function send(res, status, resource, extraHeaders = {}) {
   const body = JSON.stringify(resource);
   res.writeHead(status, {
     'Content-Type': 'application/fhir+json; charset=utf-8',
-    'Content-Length': Buffer.byteLength(body), ...extraHeaders,
+    'Content-Length': Buffer.byteLength(body),
+    'X-Fhir-Worker': String(process.pid), // which process answered (FHIR_WORKERS), for the tests
+    ...extraHeaders,
   });
   res.end(body);
 }
@@ -125,10 +206,13 @@ async function readBody(req) {
   }
 }
 
-async function handle(req, res) {
+async function handle(router, repo, server, req, res) {
   const base = `http://${req.headers.host ?? `127.0.0.1:${server.address().port}`}${BASE_PATH}`;
   if (req.url !== BASE_PATH && !req.url.startsWith(BASE_PATH + '/') && !req.url.startsWith(BASE_PATH + '?')) {
     return send(res, 404, notFound);
+  }
+  if (readOnly && req.method !== 'GET') {
+    return send(res, 405, badRequest(`This server runs ${workers} workers, each with its own copy of FHIR_SEED: it is read-only`), { Allow: 'GET' });
   }
   const relativeUrl = withDefaultCount(req.method, req.url.slice(BASE_PATH.length).replace(/^\//, ''));
   if (req.method === 'GET' && relativeUrl.split('?')[0] === 'metadata') return send(res, 200, capabilityStatement());
@@ -147,22 +231,8 @@ async function handle(req, res) {
   return send(res, status, resource, headers);
 }
 
-const server = http.createServer((req, res) => {
-  handle(req, res).catch((err) => {
-    const outcome = normalizeOperationOutcome(err);
-    if (!res.headersSent) send(res, getStatus(outcome), outcome);
-    else res.destroy();
-  });
-});
-
-for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, () => process.exit(0));
-if (process.env.FHIR_EXIT_ON_STDIN_EOF === '1') {
-  process.stdin.on('end', () => process.exit(0));
-  process.stdin.on('close', () => process.exit(0));
-  process.stdin.resume();
+if (workers > 1 && cluster.isPrimary) {
+  runPrimary();
+} else {
+  await runServer();
 }
-
-server.listen(Number.parseInt(process.argv[2] ?? '0', 10) || 0, '127.0.0.1', () => {
-  const { port } = server.address();
-  console.log(`FHIR server ready at http://127.0.0.1:${port}${BASE_PATH} (startup ${Math.round(performance.now())} ms)`);
-});

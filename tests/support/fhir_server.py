@@ -97,13 +97,24 @@ def transaction(resources: list[dict]) -> dict:
 
 
 @contextmanager
-def running_fhir_server(default_count: int | None = None) -> Iterator[FhirTestServer]:
-    """Start the Node FHIR server on a free port of 127.0.0.1; stop it on exit, whatever happens."""
+def running_fhir_server(
+    default_count: int | None = None, *, seed: Path | None = None, workers: int = 1
+) -> Iterator[FhirTestServer]:
+    """Start the Node FHIR server on a free port of 127.0.0.1; stop it on exit, whatever happens.
+
+    `seed`: a batch/transaction Bundle file every worker loads before it answers. `workers` > 1:
+    that many Node processes share the port and answer concurrent requests in parallel; the
+    server is then read-only (each worker holds its own copy of the seed)."""
     command = _command()
     env = {**os.environ, "FHIR_EXIT_ON_STDIN_EOF": "1"}  # no orphan server if this process dies
-    env.pop("FHIR_DEFAULT_COUNT", None)
+    for name in ("FHIR_DEFAULT_COUNT", "FHIR_SEED", "FHIR_WORKERS"):
+        env.pop(name, None)
     if default_count is not None:
         env["FHIR_DEFAULT_COUNT"] = str(default_count)
+    if seed is not None:
+        env["FHIR_SEED"] = str(Path(seed).resolve())
+    if workers > 1:
+        env["FHIR_WORKERS"] = str(workers)
     started = time.monotonic()
     process = subprocess.Popen(
         command, cwd=SERVER_DIR, env=env, text=True,
