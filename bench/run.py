@@ -51,9 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-fhir", action="store_true", help="skip the FHIR-fallback measurement")
     parser.add_argument("--no-echo", action="store_true", help="skip the echo endpoint")
     parser.add_argument("--fallback-sizes", help="FHIR-fallback patient sizes (default 10,100,1000; --quick: 100)")
-    parser.add_argument("--fhir-workers", type=int, default=2,
-                        help="Node processes of the FHIR test server (default 2, one per core of the bench "
-                             "machine; 1 is the test suite's server, which answers one request at a time)")
+    parser.add_argument("--fhir-workers", type=int, default=1,
+                        help="Node processes of the FHIR test server (default 1, the test suite's server, "
+                             "which answers one request at a time; N > 1 answers N at once, given the cores)")
     parser.add_argument("--database-url", help="RPL_CDS_DATABASE_URL (default: SQLite in a temp dir)")
     parser.add_argument("--workers", type=int, help="RPL_CDS_WORKERS (default: gunicorn.conf.py's)")
     parser.add_argument("--threads", type=int, help="RPL_CDS_THREADS (default: gunicorn.conf.py's)")
