@@ -27,11 +27,10 @@ def post_fork(server, worker):
         _project_post_fork(server, worker)  # the project's own hook runs first
     if os.environ.get("BENCH_SWITCH_INTERVAL"):
         sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
+    extensions = getattr(getattr(server.app, "callable", None), "extensions", {})
     if os.environ.get("BENCH_NO_STORE") == "1":
-        flask_app = getattr(server.app, "callable", None)
-        if flask_app is not None:
-            flask_app.extensions.pop("rpl_store", None)
-    store = getattr(getattr(server.app, "callable", None), "extensions", {}).get("rpl_store")
+        extensions.pop("rpl_store", None)
+    store = extensions.get("rpl_store")
     if store is not None and os.environ.get("BENCH_NO_STORE_READS") == "1":
         store.filter_findings = lambda call, facts, findings: list(findings)
     if store is not None and os.environ.get("BENCH_NO_STORE_WRITES") == "1":

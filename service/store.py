@@ -654,10 +654,10 @@ class Store:
     ) -> Iterator[Connection | None]:
         """A transaction with the given lock wait and statement timeout (by default the hook
         path's short ones), or None when the database is unusable. Errors are logged and
-        swallowed: the hook answers regardless, the card writer goes on with the next batch."""
-        if time.monotonic() < self._skip_until:
-            yield None
-            return
+        swallowed: the hook answers regardless, the card writer goes on with the next batch.
+        The back-off after a failure (`_skip_until`) is the hook's to honour, not this one's:
+        the card writer works after the answer and keeps trying, so a slow read costs no cards
+        and its first success ends the outage."""
         stack = ExitStack()
         try:
             connection = stack.enter_context(
@@ -886,8 +886,6 @@ class Store:
 
     def _sqlite_insert_card_rows(self, rows: list, lock_wait_ms: int) -> None:
         """One transaction for all rows; a card already recorded is skipped. Never raises."""
-        if time.monotonic() < self._skip_until:
-            return
         values = [_sqlite_card_value(row, column) for row in rows for column in _CARD_COLUMNS]
         width = len(_CARD_COLUMNS)
         try:

@@ -36,25 +36,25 @@ from service.store import (
 # in a database of its own (a fresh `rplcds_test_<random>` database, dropped afterwards).
 
 @contextlib.contextmanager
+def _skipped_without_postgres(database: contextlib.AbstractContextManager):
+    """Enter one of tests/support/postgres.py's databases; skip the test where PostgreSQL is not
+    running."""
+    with contextlib.ExitStack() as stack:
+        try:
+            entered = stack.enter_context(database)
+        except PostgresUnavailable as error:
+            pytest.skip(str(error))
+        yield entered
+
+
 def fresh_postgres_database():
     """Yields the URL of a new, empty database; drops it (forcibly) afterwards."""
-    with contextlib.ExitStack() as stack:
-        try:
-            url = stack.enter_context(scratch_database("rplcds_test"))
-        except PostgresUnavailable as error:
-            pytest.skip(str(error))
-        yield url
+    return _skipped_without_postgres(scratch_database("rplcds_test"))
 
 
-@contextlib.contextmanager
 def absent_postgres_database():
     """Yields (url, create): a database that does not exist until create() is called."""
-    with contextlib.ExitStack() as stack:
-        try:
-            url_and_create = stack.enter_context(absent_database("rplcds_test"))
-        except PostgresUnavailable as error:
-            pytest.skip(str(error))
-        yield url_and_create
+    return _skipped_without_postgres(absent_database("rplcds_test"))
 
 
 @contextlib.contextmanager
@@ -445,6 +445,20 @@ def test_a_large_batch_of_cards_is_written_in_full_and_duplicates_are_skipped(tm
     store.wait_for_recording()
     assert count_rows(backend_url, "rpl_card") == 450
     assert set(store.issued_cards(card["uuid"] for card in cards[:3])) == {c["uuid"] for c in cards[:3]}
+
+
+def test_cards_issued_while_the_hook_path_backs_off_are_still_recorded(tmp_path, backend_url):
+    """The back-off after a failed or too slow read spares the hooks; the card writer works after
+    the answer and must not drop the cards queued meanwhile. Its success ends the outage."""
+    store = bare_store(tmp_path, backend_url)
+    store.retry_after_failure_s = 60
+    store._note_too_slow("filter_findings")  # as a read that overran the hook's budget does
+    finding = warning(draft_order("order-during-back-off"))
+    assert store.filter_findings(hook_call("order-sign"), None, [finding]) == [finding]  # skipped
+    store.record_cards_in_background(hook_call("order-select"), [(finding, card_for(finding))])
+    store.wait_for_recording()
+    assert count_rows(backend_url, "rpl_card") == 1
+    assert not store._outage
 
 
 def test_the_jwt_replay_check_waits_its_own_time_for_a_sqlite_lock_not_a_hooks(tmp_path):
