@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable
 
 log = logging.getLogger(__name__)
@@ -44,12 +45,16 @@ class BatchWriter:
         self.max_rows = max_rows
         self.max_delay_s = max_delay_s
         self._name = name
-        self._pid = -1
         self._reset()
+        # A forked child (a gunicorn worker of a preloaded app) inherits neither the thread nor,
+        # safely, the lock: it starts afresh before any of its threads can queue a row. (A check
+        # of the pid on every call cost a system call per hook, and two first hooks of a worker
+        # could both reset, losing the first one's rows.) Weakly held: a test makes many writers.
+        reference = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (writer := reference()) and writer._reset())
 
     def _reset(self) -> None:
-        """Fresh state for this process (a gunicorn fork inherits neither the thread nor,
-        safely, the lock)."""
+        """Fresh state: no queue, no thread, a new lock."""
         self._cond = threading.Condition()
         self._queue: list[dict] = []  # rows not yet taken by the writer thread
         self._unwritten: dict[Hashable, list[dict]] = {}  # index key -> queued or in-flight rows
@@ -58,7 +63,6 @@ class BatchWriter:
         self._urgent = False
         self._first_queued_at = 0.0
         self._thread: threading.Thread | None = None
-        self._pid = os.getpid()
 
     def _ensure_thread(self) -> None:
         """Called with the lock held."""
@@ -67,16 +71,11 @@ class BatchWriter:
             self._thread.start()
             atexit.register(self._flush_at_exit)
 
-    def _checked_pid(self) -> None:
-        if self._pid != os.getpid():
-            self._reset()
-
     # -- producer side -------------------------------------------------------------------------
 
     def add(self, rows: list[dict]) -> None:
         if not rows:
             return
-        self._checked_pid()
         with self._cond:
             self._ensure_thread()
             was_empty = not self._queue
@@ -95,13 +94,11 @@ class BatchWriter:
 
     def unwritten(self, key: Hashable) -> list[dict]:
         """The rows of this process with this index key that are queued or being written."""
-        self._checked_pid()
         with self._cond:
             return list(self._unwritten.get(key, ()))
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Write everything queued so far now; wait at most `timeout` seconds. True when done."""
-        self._checked_pid()
         with self._cond:
             target = self._queued_total
             if self._done_total >= target:
@@ -166,8 +163,6 @@ class BatchWriter:
                 self._unwritten.pop(key, None)
 
     def _flush_at_exit(self) -> None:
-        if self._pid != os.getpid():
-            return
         # The writer thread is a daemon and may be mid-batch: let it finish, then write the rest
         # here if it cannot (it is gone once the interpreter has begun to stop it).
         if not self.flush(timeout=5.0):

@@ -90,3 +90,25 @@ def test_rows_still_queued_at_interpreter_exit_are_written(tmp_path):
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
     assert out.read_text().split() == [str(n) for n in range(50)]
+
+
+def test_a_forked_worker_starts_with_its_own_queue_and_writer_thread():
+    """gunicorn forks its workers from a preloaded app: a child must not see the parent's
+    queued rows, nor wait on the parent's thread, and must write its own rows."""
+    import os
+
+    sink = RecordingSink()
+    writer = BatchWriter(sink, max_rows=100, max_delay_s=30, index=lambda row: row["key"])
+    writer.add([{"key": "parent", "n": 1}])  # queued in the parent, its thread waiting 30 s
+    pid = os.fork()
+    if pid == 0:  # the child: report through the exit status only
+        ok = writer.pending == 0 and writer.unwritten("parent") == []
+        writer.add([{"key": "child", "n": 2}])
+        ok = ok and writer.unwritten("child") == [{"key": "child", "n": 2}]
+        ok = ok and writer.flush(timeout=5) and sink.rows == [{"key": "child", "n": 2}]
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert writer.unwritten("parent") == [{"key": "parent", "n": 1}]  # the parent's row is untouched
+    assert writer.flush(timeout=5)
+    assert sink.rows == [{"key": "parent", "n": 1}]
