@@ -427,7 +427,8 @@ def _normalized(url: str) -> str:
 
 def link(bundle: dict, relation: str) -> str | None:
     """The URL of a Bundle's link with this relation ("next", "self"), if any."""
-    for candidate in bundle.get("link") or ():
+    links = bundle.get("link")
+    for candidate in links if isinstance(links, list) else ():
         if isinstance(candidate, dict) and candidate.get("relation") == relation and isinstance(candidate.get("url"), str):
             return candidate["url"]
     return None
@@ -437,7 +438,8 @@ def error_outcome_in(bundle: dict) -> dict | None:
     """The first OperationOutcome entry of a searchset that reports an error (severity error or
     fatal, or no issue at all: an outcome without issues is not a valid one), else None. Such a
     search is incomplete, whether it was prefetched or fetched here."""
-    for entry in bundle.get("entry") or ():
+    entries = bundle.get("entry")
+    for entry in entries if isinstance(entries, list) else ():
         resource = entry.get("resource") if isinstance(entry, dict) else None
         if isinstance(resource, dict) and resource.get("resourceType") == "OperationOutcome":
             issues = resource.get("issue")

@@ -150,11 +150,13 @@ def check_prefetch_value(key: PrefetchKey, value: object) -> tuple[bool, str]:
             400, f"prefetch.{key.key}: expected a searchset Bundle, got {resource_type[:64]}",
             expression=[f"prefetch.{key.key}"],
         )
-    entries = value.get("entry")
-    if entries is not None and not isinstance(entries, list):
-        raise ApiError(
-            400, f"prefetch.{key.key}.entry: expected an array", expression=[f"prefetch.{key.key}"]
-        )
+    # `link` too: an unreadable one would hide a `next` page, and part of a search read as all.
+    for member in ("entry", "link"):
+        if value.get(member) is not None and not isinstance(value[member], list):
+            raise ApiError(
+                400, f"prefetch.{key.key}.{member}: expected an array",
+                expression=[f"prefetch.{key.key}"],
+            )
     if fhir_client.error_outcome_in(value) is not None:
         return False, "holds an OperationOutcome with an error (incomplete search)"
     return True, ""

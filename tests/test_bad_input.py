@@ -570,6 +570,15 @@ def test_search_bundle_entry_that_is_not_an_array_is_400(bad_client, entry):
     assert_outcome(post(bad_client, "patient-view", hook_request(prefetch=prefetch)), 400, "prefetch.observations")
 
 
+@pytest.mark.parametrize("links", [True, 5, "next", {"relation": "next", "url": "x"}])
+def test_search_bundle_link_that_is_not_an_array_is_400(bad_client, links):
+    """A `link` that cannot be read could hide a next page: the search is refused, not read as
+    complete (and never a 500)."""
+    prefetch = full_prefetch(LOSSES)
+    prefetch["conditions"]["link"] = links
+    assert_outcome(post(bad_client, "patient-view", hook_request(prefetch=prefetch)), 400, "prefetch.conditions")
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. Invalid FHIR inside prefetched resources: the unreadable resource is ignored (CDS Hooks lets
 # the service ignore data it cannot use); the readable ones around it still count.
