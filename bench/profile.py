@@ -91,14 +91,13 @@ def stage_breakdown(app, args, make_body) -> None:
                 current_cpu[name] = current_cpu.get(name, 0.0) + time.thread_time() - began_cpu
         return wrapper
 
-    names = ["parse_json_body", "validate_hook_request", "flatten_bundle", "decide_fhir_access",
+    names = ["check_json_body_headers", "read_json_body", "validate_hook_request", "flatten_bundle", "decide_fhir_access",
              "gather", "extract_patient_facts", "evaluate", "build_card_pairs",
              "choose_language", "json_response"]
     restore = []
-    for name in names:
-        if hasattr(hooks, name):
-            restore.append((hooks, name, getattr(hooks, name)))
-            setattr(hooks, name, timed(getattr(hooks, name), name))
+    for name in names:  # a name the hook view no longer calls is an error, not a silent gap
+        restore.append((hooks, name, getattr(hooks, name)))
+        setattr(hooks, name, timed(getattr(hooks, name), name))
     store = app.extensions.get("rpl_store")
     for name in ("filter_findings", "record_cards_in_background"):
         if store is not None and hasattr(store, name):

@@ -61,7 +61,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     if settings.large_bodies_at_once > 0:
         from .large_bodies import LargeBodyGate
 
-        app.wsgi_app = LargeBodyGate(app.wsgi_app, settings.large_bodies_at_once)  # type: ignore[method-assign]
+        app.extensions["rpl_large_bodies"] = LargeBodyGate(settings.large_bodies_at_once)
     if settings.auth == "disabled":
         log.warning(AUTH_DISABLED_WARNING)
     return app

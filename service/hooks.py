@@ -10,18 +10,19 @@ from datetime import date, datetime
 from itertools import chain
 from zoneinfo import ZoneInfo
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from cards.build import build_card_pairs
 from cards.rules import evaluate
 from fhir_mappings.extract import extract_patient_facts, flatten_bundle
 
+from .config import Settings
 from .errors import ApiError
 from .gather import decide_fhir_access, gather
 from .json_codec import json_response
 from .language import choose_language
 from .services import CdsService
-from .validation import CONTEXT_SCHEMA_BY_HOOK, parse_json_body, validate_or_400
+from .validation import CONTEXT_SCHEMA_BY_HOOK, check_json_body_headers, read_json_body, validate_or_400
 
 log = logging.getLogger(__name__)
 bp = Blueprint("hooks", __name__)
@@ -55,9 +56,19 @@ def call_service(service_id: str):
         raise ApiError(404, f"Unknown CDS Service '{service_id}'.", expression=["id"])
     g.rpl_service_id = service.id
     settings = current_app.config["RPL_SETTINGS"]
-    deadline = time.monotonic() + settings.deadline_ms / 1000
+    check_json_body_headers(request, settings.max_body_bytes)
+    gate = current_app.extensions.get("rpl_large_bodies")
+    if gate is None:
+        return answer_hook(service, settings)
+    # The body and everything made from it are freed when answer_hook returns, inside the turn.
+    with gate.turn(request.environ):
+        return answer_hook(service, settings)
 
-    body = parse_json_body(request, settings.max_body_bytes)
+
+def answer_hook(service: CdsService, settings: Settings) -> Response:
+    """Read the hook request and answer it with cards (the body-free checks are done)."""
+    deadline = time.monotonic() + settings.deadline_ms / 1000
+    body = read_json_body(request, settings.max_body_bytes)
     validate_hook_request(body, service)
     g.rpl_hook_instance = body["hookInstance"]
     context = body["context"]

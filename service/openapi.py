@@ -132,6 +132,10 @@ def build_openapi() -> dict:
                         "server; the OperationOutcome names the prefetch keys."
                     ),
                     **{code: error_response(text) for code, text in ERROR_DESCRIPTIONS.items()},
+                    "503": error_response(
+                        "Another hook with a large body (over 1 MiB) held this worker's turn for "
+                        "too long (RPL_CDS_LARGE_BODIES_AT_ONCE); Retry-After says when to retry."
+                    ),
                 },
             }
         },

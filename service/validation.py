@@ -180,6 +180,13 @@ _READ_CHUNK_BYTES = 1024 * 1024
 
 def parse_json_body(request: Request, max_bytes: int) -> object:
     """Read and parse a JSON body: 415 for other media types, 413 over the limit, 400 if invalid."""
+    check_json_body_headers(request, max_bytes)
+    return read_json_body(request, max_bytes)
+
+
+def check_json_body_headers(request: Request, max_bytes: int) -> None:
+    """The checks that need no body: 415 for other media types, 413 for a declared size over
+    the limit."""
     mimetype = (request.mimetype or "").lower()
     if mimetype not in JSON_MEDIA_TYPES:
         shown = mimetype or "none"
@@ -187,6 +194,11 @@ def parse_json_body(request: Request, max_bytes: int) -> object:
     declared = request.content_length
     if declared is not None and declared > max_bytes:
         raise ApiError(413, f"Request body is larger than the limit of {max_bytes} bytes.")
+
+
+def read_json_body(request: Request, max_bytes: int) -> object:
+    """The body, parsed, after check_json_body_headers: 413 over the limit, 400 if invalid."""
+    declared = request.content_length
     # Read what was declared, not the limit: read(n) allocates an n-byte buffer first, and a
     # 16 MiB buffer per hook call showed up in the workers' memory (bench/README.md).
     raw = _read_body(request, declared if declared is not None else max_bytes + 1)

@@ -1,47 +1,50 @@
 """One large hook at a time per worker (service/large_bodies.py): memory stays bounded, small
-hooks never wait, and a request that cannot get a turn gets a 503 OperationOutcome."""
+hooks never wait, answers that need no body never wait, and a request that cannot get a turn
+gets a 503 OperationOutcome."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
+from service.errors import ApiError, operation_outcome
 from service.large_bodies import LARGE_BODY_BYTES, LargeBodyGate
 from service.validation import validator
 
 
 class SlowApp:
-    """A WSGI app that takes 0.2 s and records how many requests it held at once."""
+    """Work that takes 0.2 s inside the gate and records how many requests it held at once."""
 
     def __init__(self):
         self.active = 0
         self.most_at_once = 0
         self.lock = threading.Lock()
 
-    def __call__(self, environ, start_response):
+    def __call__(self):
         with self.lock:
             self.active += 1
             self.most_at_once = max(self.most_at_once, self.active)
         time.sleep(0.2)
         with self.lock:
             self.active -= 1
-        start_response("200 OK", [("Content-Type", "application/json")])
-        return [b"{}"]
 
 
-def call(gate, length: int | None, results: list, chunked: bool = False):
+def call(gate, app, length: int | None, results: list, chunked: bool = False):
+    """One request through the gate, as the hook view takes it: (status, OperationOutcome)."""
     environ = {"CONTENT_LENGTH": "" if length is None else str(length)}
     if chunked:
         environ["HTTP_TRANSFER_ENCODING"] = "chunked"
-    status = []
-    body = b"".join(gate(environ, lambda s, h: status.append(s)))
-    results.append((status[0], body))
+    try:
+        with gate.turn(environ):
+            app()
+        results.append((200, None))
+    except ApiError as error:
+        results.append((error.status, (operation_outcome(error.status, error.message), error.headers)))
 
 
-def run_at_once(gate, lengths, chunked=False):
+def run_at_once(gate, app, lengths, chunked=False):
     results: list = []
-    threads = [threading.Thread(target=call, args=(gate, n, results, chunked)) for n in lengths]
+    threads = [threading.Thread(target=call, args=(gate, app, n, results, chunked)) for n in lengths]
     for t in threads:
         t.start()
     for t in threads:
@@ -51,28 +54,60 @@ def run_at_once(gate, lengths, chunked=False):
 
 def test_large_bodies_take_turns_and_small_ones_do_not_wait():
     app = SlowApp()
-    run_at_once(LargeBodyGate(app, at_once=1), [LARGE_BODY_BYTES + 1] * 3)
+    run_at_once(LargeBodyGate(at_once=1), app, [LARGE_BODY_BYTES + 1] * 3)
     assert app.most_at_once == 1
     app = SlowApp()
-    run_at_once(LargeBodyGate(app, at_once=1), [LARGE_BODY_BYTES] * 3)  # not over the threshold
+    run_at_once(LargeBodyGate(at_once=1), app, [LARGE_BODY_BYTES] * 3)  # not over the threshold
     assert app.most_at_once == 3
 
 
 def test_a_chunked_body_of_unknown_length_counts_as_large():
     app = SlowApp()
-    run_at_once(LargeBodyGate(app, at_once=1), [None] * 2, chunked=True)
+    run_at_once(LargeBodyGate(at_once=1), app, [None] * 2, chunked=True)
     assert app.most_at_once == 1
 
 
 def test_a_request_that_gets_no_turn_in_time_is_answered_503_with_an_outcome():
-    gate = LargeBodyGate(SlowApp(), at_once=1, wait_limit_s=0.05)
-    results = run_at_once(gate, [LARGE_BODY_BYTES + 1] * 2)
+    gate = LargeBodyGate(at_once=1, wait_limit_s=0.05)
+    results = run_at_once(gate, SlowApp(), [LARGE_BODY_BYTES + 1] * 2)
     statuses = sorted(status for status, _ in results)
-    assert statuses == ["200 OK", "503 Service Unavailable"]
-    body = json.loads(next(b for s, b in results if s.startswith("503")))
+    assert statuses == [200, 503]
+    body, headers = next(detail for status, detail in results if status == 503)
+    assert headers == {"Retry-After": "1"}
     # The same OperationOutcome shape as every other error (service/errors.py).
     assert body["resourceType"] == "OperationOutcome" and "busy" in body["issue"][0]["details"]["text"]
     validator("operation-outcome.schema.json").validate(body)
+
+
+def test_answers_that_need_no_body_never_wait_for_a_large_hooks_turn(app, client):
+    """A declared size over the limit (413), another media type (415), an unknown service (404)
+    are answered at once while another large hook holds the worker's only turn."""
+    gate = app.extensions["rpl_large_bodies"]
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold_the_turn():
+        with gate.turn({"CONTENT_LENGTH": str(LARGE_BODY_BYTES + 1)}):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_the_turn)
+    holder.start()
+    try:
+        assert held.wait(5)
+        too_large = b" " * (app.config["RPL_SETTINGS"].max_body_bytes + 1)
+        response = client.post("/cds-services/rpl-patient-view", data=too_large,
+                               headers={"Content-Type": "application/json"})
+        assert response.status_code == 413
+        response = client.post("/cds-services/rpl-patient-view", data=b"x" * (LARGE_BODY_BYTES + 1),
+                               headers={"Content-Type": "text/plain"})
+        assert response.status_code == 415
+        response = client.post("/cds-services/no-such-service", data=b"x" * (LARGE_BODY_BYTES + 1),
+                               headers={"Content-Type": "application/json"})
+        assert response.status_code == 404
+    finally:
+        release.set()
+        holder.join()
 
 
 def test_the_service_answers_a_large_hook_through_the_gate(client, monkeypatch):
@@ -106,8 +141,8 @@ def test_freed_memory_is_handed_back_after_a_large_hook_only(monkeypatch):
 
     trims = []
     monkeypatch.setattr(large_bodies, "give_back_free_memory", lambda: trims.append(1))
-    gate = LargeBodyGate(SlowApp(), at_once=1)
-    run_at_once(gate, [100])
+    gate = LargeBodyGate(at_once=1)
+    run_at_once(gate, SlowApp(), [100])
     assert trims == []
-    run_at_once(gate, [LARGE_BODY_BYTES + 1])
+    run_at_once(gate, SlowApp(), [LARGE_BODY_BYTES + 1])
     assert trims == [1]
