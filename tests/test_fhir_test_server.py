@@ -238,6 +238,10 @@ def test_seeded_cluster_answers_every_connection_with_the_same_data(tmp_path):
             assert ids(response.json()) == observation_ids
             answered_by.add(response.headers["X-Fhir-Worker"])
         assert len(answered_by) == 2
+    deadline = time.monotonic() + 5  # stopping the server stops every worker
+    while any(_alive(int(pid)) for pid in answered_by) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(int(pid)) for pid in answered_by)
 
 
 def test_seeded_cluster_refuses_writes_with_an_operation_outcome(tmp_path):
@@ -253,11 +257,26 @@ def test_seeded_cluster_refuses_writes_with_an_operation_outcome(tmp_path):
         assert "read-only" in outcome["issue"][0]["details"]["text"]
 
 
-def test_a_seed_that_does_not_load_stops_the_server_with_a_clear_error(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (json.dumps({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"resource": {"resourceType": "Patient", "id": "p1"}, "request": {"method": "PUT", "url": "Patient/other"}},
+        ]}), "not loaded in full: .*Incorrect resource ID"),
+        (json.dumps({"resourceType": "Bundle", "type": "searchset"}), "not loaded in full: .*bundle type"),
+        ("{not json", "could not be read"),
+    ],
+)
+def test_a_seed_that_does_not_load_stops_the_server_with_a_clear_error(tmp_path, workers, content, reason):
     seed = tmp_path / "seed.json"
-    seed.write_text(json.dumps({"resourceType": "Bundle", "type": "batch", "entry": [
-        {"resource": {"resourceType": "Patient", "id": "p1"}, "request": {"method": "PUT", "url": "Patient/other"}},
-    ]}))
-    with pytest.raises(FhirServerUnavailable, match="FHIR_SEED"):
-        with support.running_fhir_server(seed=seed):
+    seed.write_text(content)
+    with pytest.raises(FhirServerUnavailable, match=f"FHIR_SEED .*{reason}"):
+        with support.running_fhir_server(seed=seed, workers=workers):
+            pass
+
+
+def test_several_workers_without_a_seed_is_a_clear_error():
+    with pytest.raises(FhirServerUnavailable, match="FHIR_WORKERS > 1 needs FHIR_SEED"):
+        with support.running_fhir_server(workers=2):
             pass

@@ -31,6 +31,10 @@ const requestedPort = Number.parseInt(process.argv[2] ?? '0', 10) || 0;
 // The primary forks the workers, reports the shared port once every one of them listens, and
 // takes them down with itself. node:cluster hands the connections of the one port to the workers.
 function runPrimary() {
+  if (!process.env.FHIR_SEED) {
+    console.error('FHIR_WORKERS > 1 needs FHIR_SEED: the workers are read-only, each loads the seed');
+    process.exit(1);
+  }
   const ready = new Set();
   const stopAll = (code = 0) => {
     for (const worker of Object.values(cluster.workers ?? {})) worker?.process.kill('SIGTERM');
@@ -53,10 +57,7 @@ function runPrimary() {
 
 function exitOnSignalOrStdinEnd(stop) {
   for (const signal of ['SIGINT', 'SIGTERM']) process.on(signal, stop);
-  if (cluster.isWorker) {
-    process.on('disconnect', stop); // the primary is gone
-    return;
-  }
+  if (cluster.isWorker) return; // node:cluster ends a worker whose primary is gone
   if (process.env.FHIR_EXIT_ON_STDIN_EOF === '1') {
     process.stdin.on('end', stop);
     process.stdin.on('close', stop);
@@ -94,12 +95,20 @@ async function runServer() {
 // The seed is stored through the router, as a POSTed Bundle would be; any failed entry stops the
 // start-up, so that a worker never answers with part of the data.
 async function loadSeed(router, repo, file) {
-  const bundle = JSON.parse(readFileSync(file, 'utf8'));
-  const request = { method: 'POST', url: '', pathname: '', params: {}, query: {}, body: bundle, headers: {} };
-  const [outcome, reply] = await router.handleRequest(request, repo);
-  const failed = (reply?.entry ?? []).filter((entry) => !String(entry?.response?.status ?? '').startsWith('2'));
-  if (getStatus(outcome) >= 300 || failed.length > 0 || (reply?.entry ?? []).length !== (bundle.entry ?? []).length) {
-    console.error(`FHIR_SEED ${file} was not loaded in full: ${JSON.stringify(failed.slice(0, 3) || outcome)}`);
+  let problem;
+  try {
+    const bundle = JSON.parse(readFileSync(file, 'utf8'));
+    const request = { method: 'POST', url: '', pathname: '', params: {}, query: {}, body: bundle, headers: {} };
+    const [outcome, reply] = await router.handleRequest(request, repo);
+    const failed = (reply?.entry ?? []).filter((entry) => !String(entry?.response?.status ?? '').startsWith('2'));
+    if (getStatus(outcome) >= 300 || failed.length > 0 || (reply?.entry ?? []).length !== (bundle.entry ?? []).length) {
+      problem = `not loaded in full: ${JSON.stringify(failed.length ? failed.slice(0, 3) : outcome)}`;
+    }
+  } catch (err) {
+    problem = `could not be read: ${err.message}`;
+  }
+  if (problem) {
+    console.error(`FHIR_SEED ${file} ${problem}`);
     process.exit(1);
   }
 }
