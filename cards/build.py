@@ -168,6 +168,13 @@ def _tsh_text(p: Mapping[str, Any], lang: Lang, rule_id: str | None = None) -> s
     return lang.common["unknown"]
 
 
+def _pregnancy_limit_vars(p: dict) -> dict[str, bool]:
+    """Which A3 interpretation the thyroid cards show: the pregnancy limit on a TSH known to be of
+    this pregnancy, or on one assumed to be (undated TSH, or pregnancy of unknown age)."""
+    limits, assumed = p.get("pregnancy_limits", False), p.get("pregnancy_limits_assumed", False)
+    return {"pregnancy_limits_known": limits and not assumed, "pregnancy_limits_assumed": limits and assumed}
+
+
 def _vars_ft4_missing(f: Finding, facts: PatientFacts, lang: Lang) -> dict[str, Any]:
     p = f.params
     upper = p.get("upper_limit")
@@ -178,7 +185,7 @@ def _vars_ft4_missing(f: Finding, facts: PatientFacts, lang: Lang) -> dict[str, 
         "upper_limit": lang.quantity(upper, p.get("tsh_unit"))
         if upper is not None
         else lang.common["unknown"],
-        "pregnancy_limits": p.get("pregnancy_limits", False),
+        **_pregnancy_limit_vars(p),
     }
 
 
@@ -188,7 +195,7 @@ def _vars_hypothyroidism(f: Finding, facts: PatientFacts, lang: Lang) -> dict[st
         "tsh": _tsh_text(p, lang),
         "tsh_date": lang.date(p.get("tsh_date")),
         "ft4": lang.quantity(p.get("ft4_value"), p.get("ft4_unit")),
-        "pregnancy_limits": p.get("pregnancy_limits", False),
+        **_pregnancy_limit_vars(p),
     }
 
 

@@ -52,7 +52,8 @@ class Finding:
 
     rule_id: str
     params: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    order: Intervention | None = None
+    # Not in the hash: an Intervention is mutable (slots, no hash), and params is a dict.
+    order: Intervention | None = field(default=None, hash=False)
     category: Category | None = None
 
     @property

@@ -93,6 +93,9 @@ class ThyroidAssessment:
     ft4: LabResult | None  # the FT4 paired with this TSH
     ft4_state: str  # high | low | normal | abnormal | unknown | absent
     classification: str  # overt | subclinical | tsh-high | tsh-low | tsh-abnormal | euthyroid | unknown
+    # The pregnancy limit rests on an assumption: the TSH is undated, or the pregnancy's age is
+    # unknown and LONGEST_PREGNANCY was used (the card says so).
+    pregnancy_assumed: bool = False
 
 
 def _lab_state(result: LabResult, upper: float | None, *, trust_normal_flag: bool = True) -> str:
@@ -150,7 +153,8 @@ def assess_thyroid(facts: PatientFacts) -> ThyroidAssessment:
         classification = "tsh-abnormal"
     else:
         classification = "unknown"
-    return ThyroidAssessment(tsh, tsh_state, upper, in_pregnancy, ft4, ft4_state, classification)
+    assumed = in_pregnancy and (tsh.when is None or facts.gestational_age_days is None)
+    return ThyroidAssessment(tsh, tsh_state, upper, in_pregnancy, ft4, ft4_state, classification, assumed)
 
 
 def euthyroid_untreated(facts: PatientFacts) -> bool:
@@ -498,6 +502,7 @@ def ft4_missing(facts: PatientFacts) -> list[Finding]:
                 "tsh_state": thyroid.tsh_state,
                 "upper_limit": thyroid.tsh_upper_limit,
                 "pregnancy_limits": thyroid.pregnancy_limits,
+                "pregnancy_limits_assumed": thyroid.pregnancy_assumed,
             },
             category=Category.FT4,
         )
@@ -540,6 +545,7 @@ def hypothyroidism_treatment(facts: PatientFacts) -> list[Finding]:
                 "ft4_unit": ft4.unit if ft4 else None,
                 "upper_limit": thyroid.tsh_upper_limit,
                 "pregnancy_limits": thyroid.pregnancy_limits,
+                "pregnancy_limits_assumed": thyroid.pregnancy_assumed,
             },
             category=Category.LEVOTHYROXINE,
         )
@@ -846,6 +852,7 @@ def _not_recommended(facts: PatientFacts, kind: str, rule_id: str) -> list[Findi
                 # Unreachable while euthyroid_untreated() requires a TSH; if that ever changes,
                 # only this warning (which must cite the TSH) is left out, not every other
                 # treatment warning of the call, as a failing assert would do via evaluate().
+                log.error("levothyroxine warning without a TSH to cite: left out (a rules bug)")
                 continue
             params.update(tsh_value=tsh.value, tsh_unit=tsh.unit, tsh_date=_iso(tsh.when))
         findings.append(Finding(rule_id, params, order=order, category=order.category))

@@ -22,6 +22,8 @@ from fhir_mappings.codes import load_code_tables
 from fhir_mappings.extract import extract_patient_facts
 from fhir_mappings.facts import Category, InterventionState
 from tests.test_rules import (
+    days_ago,
+    weeks_days,
     CASES,
     PATIENT,
     TODAY,
@@ -478,3 +480,19 @@ def test_knowledge_loads_and_is_consistent():
     assert tuple(kn.rules) == RULE_IDS
     assert kn.default_language == "nl" and set(kn.texts) == {"nl", "en"}
     assert kn.selection_behavior == "any"
+
+
+@pytest.mark.parametrize("ga, said", [
+    (weeks_days(9), "de TSH is in deze zwangerschap afgenomen; de bovengrens is verlaagd met 0,5 mIU/L."),
+    (None, "de TSH is aangenomen als afgenomen in deze zwangerschap (datum of zwangerschapsduur onbekend"),
+])
+def test_thyroid_card_says_when_the_pregnancy_limit_rests_on_an_assumption(ga, said):
+    """A3: with the pregnancy's age unknown, a recent TSH is only assumed to be of this pregnancy
+    (LONGEST_PREGNANCY, an rpl-cds choice); the card must not state it as a fact."""
+    facts = rpl(2, pregnant=True, gestational_age_days=ga, tsh_results=(tsh(3.8, when=days_ago(2)),),
+                ft4_results=(ft4(9, when=days_ago(2)),))
+    (finding,) = [f for f in evaluate(facts, "patient-view") if f.rule_id == "hypothyroidism-treatment"]
+    interpretations = build_card(finding, facts=facts, language="nl")["detail"]
+    assert said in interpretations
+    other = ("aangenomen als afgenomen" if ga is not None else "de TSH is in deze zwangerschap afgenomen")
+    assert other not in interpretations

@@ -606,7 +606,7 @@ def test_a_failing_rule_is_isolated_and_logged(monkeypatch, caplog):
     assert "tsh-missing" in caplog.text
 
 
-def test_a_levothyroxine_warning_without_tsh_leaves_other_treatment_warnings(monkeypatch):
+def test_a_levothyroxine_warning_without_tsh_leaves_other_treatment_warnings(monkeypatch, caplog):
     """If the euthyroid check and the TSH lookup ever disagree, only the levothyroxine warning
     (which must cite a TSH) is left out; the hCG warning of the same call still shows."""
     facts = rpl(2, tsh_results=(tsh(2.0),),
@@ -619,6 +619,7 @@ def test_a_levothyroxine_warning_without_tsh_leaves_other_treatment_warnings(mon
     monkeypatch.setattr(rules_module, "euthyroid_untreated", lambda _facts: True)
     after = {f.params["category"] for f in evaluate(facts, SIGN) if f.rule_id == "not-recommended-treatment"}
     assert after == {"hcg"}
+    assert "levothyroxine warning without a TSH" in caplog.text  # left out, not silently
 
 
 def test_findings_params_are_plain_json_values():
@@ -638,3 +639,11 @@ def test_the_apl_series_kept_on_a_facts_object_is_its_own():
     assert rules_module.apl_series(confirmed, Category.ACL_IGG).persistent is True
     assert rules_module.apl_series(transient, Category.ACL_IGG).persistent is False
     assert transient == apl_series_case(None)  # the kept series takes no part in equality
+
+
+def test_an_order_warning_finding_can_be_hashed():
+    """Findings are frozen values; one about a draft order (a mutable Intervention) stays hashable."""
+    finding = only("not-recommended-test", rpl(2, interventions=(order(Category.THROMBOPHILIA_TEST),)),
+                   hook="order-sign")
+    assert finding.order is not None
+    assert hash(finding) == hash(dataclasses.replace(finding))
