@@ -24,6 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
+import certifi
 import urllib3
 import urllib3.exceptions
 
@@ -118,10 +119,6 @@ def _ca_bundle() -> str | None:
     configured = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("SSL_CERT_FILE")
     if configured:
         return configured
-    try:
-        import certifi
-    except ImportError:  # the system's default trust store then
-        return None
     return certifi.where()
 
 
@@ -136,12 +133,8 @@ def shared_session() -> FhirConnections:
             _shared.clear()
             _shared["pid"] = os.getpid()
         if "session" not in _shared:
-            _shared["session"] = new_session()
+            _shared["session"] = FhirConnections()
         return _shared["session"]  # type: ignore[return-value]
-
-
-def new_session(pool_size: int = MAX_PARALLEL_QUERIES) -> FhirConnections:
-    return FhirConnections(pool_size)
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -334,7 +327,7 @@ class _Client:
             raise _FetchError("could not connect to the FHIR server") from None
         except urllib3.exceptions.TimeoutError:
             raise _FetchError("timed out") from None
-        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.MaxRetryError, OSError):
+        except (urllib3.exceptions.ProtocolError, OSError):
             raise _FetchError("could not connect to the FHIR server") from None
         except (urllib3.exceptions.HTTPError, ValueError) as error:
             raise _FetchError(f"request failed ({type(error).__name__})") from None

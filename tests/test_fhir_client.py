@@ -53,7 +53,7 @@ def searchset(resources: list[dict], next_url: str | None = None) -> dict:
 @pytest.fixture
 def session():
     """A fresh pooled session per test, so connection-reuse checks see only their own requests."""
-    with fhir_client.new_session() as fresh:
+    with fhir_client.FhirConnections() as fresh:
         yield fresh
 
 
@@ -488,7 +488,7 @@ def test_an_http_proxy_from_the_environment_is_used_unless_no_proxy_names_the_ho
     with ScriptedServer(lambda r: r.send_json(200, {"resourceType": "Patient", "id": "p1"})) as proxy:
         monkeypatch.setenv("HTTP_PROXY", proxy.origin)
         monkeypatch.setenv("NO_PROXY", "direct.invalid")
-        with fhir_client.new_session() as via_proxy:
+        with fhir_client.FhirConnections() as via_proxy:
             outcome = fetch_queries("http://fhir.example.invalid/fhir", {"patient": "Patient/p1"},
                                     access_token=TOKEN, deadline=soon(), session=via_proxy)["patient"]
             bypassed = fetch_queries("http://direct.invalid/fhir", {"patient": "Patient/p1"},
