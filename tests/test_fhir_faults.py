@@ -260,14 +260,20 @@ PRACTITIONER_FAULTS = {
 }
 
 
+# Here the eight other queries must all be answered before the deadline, not only fail in time:
+# 300 ms was once too short for that on a busy 2-core machine (every query timed out).
+ANSWERED_DEADLINE_MS = 1000
+
+
 @pytest.mark.parametrize("fault", PRACTITIONER_FAULTS.values(), ids=PRACTITIONER_FAULTS.keys())
-def test_practitioner_fault_gives_cards_in_the_default_language(fault_app, fault):
+def test_practitioner_fault_gives_cards_in_the_default_language(settings, fault):
     """The user's Practitioner only chooses the card language: without it, Dutch (the default)."""
+    app = make_app(settings, deadline_ms=ANSWERED_DEADLINE_MS)
     with ScriptedServer(failing({"Practitioner"}, fault)) as server:
-        response, elapsed = call_hook(fault_app, server.base_url)
+        response, elapsed = call_hook(app, server.base_url)
     assert "rpl-summary" in topics(response)
     assert "Herhaalde miskraam" in summary_of(response)
-    assert_in_time(elapsed)
+    assert_in_time(elapsed, ANSWERED_DEADLINE_MS)
 
 
 # ------------------------------------------------------------------------------------------------
